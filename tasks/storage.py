@@ -1,0 +1,364 @@
+"""One storage layer for plain paths, ``file://`` URLs and ``s3://`` buckets.
+
+Every pipeline step reads and writes through :class:`Storage`, so a run can move from a laptop
+folder to an S3 bucket by changing ``storage.root`` only. Writes are atomic: data goes to a
+temporary file or key first and is only committed under its final name once complete (and, for
+uploads, verified), so a crash never leaves an object that looks finished but is not.
+Credentials live in :class:`pydantic.SecretStr` and never appear in ``repr``, logs or errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import split_protocol
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import SecretStr
+
+from lesa_model.config import StrictModel
+
+_CHUNK = 8 * 1024 * 1024
+_TMP_MARKER = ".tmp-"
+
+
+class StorageError(ValueError):
+    """A storage operation failed verification (size or checksum mismatch)."""
+
+
+class StorageConfig(StrictModel):
+    """Where run artefacts live and how to reach them.
+
+    ``key``/``secret``/``region``/``endpoint_url`` fall back to the standard AWS environment
+    variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` or
+    ``AWS_REGION``, ``AWS_ENDPOINT_URL``) so secrets need not be written into run configs.
+    """
+
+    root: str = ".lesa-data"
+    endpoint_url: str | None = None
+    region: str | None = None
+    key: SecretStr | None = None
+    secret: SecretStr | None = None
+    cache_dir: str | None = None
+
+
+def _env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lesa"
+
+
+def _protocol(url: str) -> str:
+    protocol, _ = split_protocol(str(url))
+    return protocol or ""
+
+
+def _is_local(url: str) -> bool:
+    return _protocol(url) in ("", "file", "local")
+
+
+def _local_path(url: str) -> Path:
+    """The filesystem path behind a plain path or ``file://`` URL."""
+    _, path = split_protocol(str(url))
+    return Path(path)
+
+
+class Storage:
+    """fsspec-backed access to the storage root; picklable so it can be shipped to Dask workers.
+
+    Methods take full URLs or paths as returned by :meth:`url` (or any other URL of a supported
+    protocol). Filesystem clients are created lazily per process and never pickled; credentials
+    are resolved once here (config first, then environment) and travel with the object.
+    """
+
+    def __init__(self, config: StorageConfig | None = None) -> None:
+        self.config = config or StorageConfig()
+        self._key = self.config.key or _env_secret("AWS_ACCESS_KEY_ID")
+        self._secret = self.config.secret or _env_secret("AWS_SECRET_ACCESS_KEY")
+        self._region = (
+            self.config.region
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or os.environ.get("AWS_REGION")
+        )
+        self._endpoint_url = self.config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        root = self.config.root.rstrip("/")
+        if not root:
+            raise ValueError("storage.root must not be empty")
+        if _protocol(root) == "":
+            root = os.path.abspath(os.path.expanduser(root))
+        self.root = root
+        self.cache_dir = (
+            Path(self.config.cache_dir).expanduser() if self.config.cache_dir else None
+        ) or _default_cache_dir()
+        self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+
+    def __repr__(self) -> str:
+        return f"Storage(root={self.root!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_filesystems"] = {}
+        return state
+
+    # -- addressing ---------------------------------------------------------------------------
+
+    def url(self, *parts: str) -> str:
+        """The URL of ``parts`` joined under the storage root."""
+        clean = [str(p).strip("/") for p in parts if str(p).strip("/")]
+        if any(".." in p.split("/") for p in clean):
+            raise ValueError(f"storage path parts must not contain '..': {parts!r}")
+        return "/".join([self.root, *clean])
+
+    def _filesystem(self, protocol: str) -> fsspec.AbstractFileSystem:
+        protocol = protocol or "file"
+        if protocol == "local":
+            protocol = "file"
+        if protocol not in self._filesystems:
+            self._filesystems[protocol] = fsspec.filesystem(
+                protocol, skip_instance_cache=True, **self._options(protocol)
+            )
+        return self._filesystems[protocol]
+
+    def _options(self, protocol: str) -> dict[str, Any]:
+        if protocol not in ("s3", "s3a"):
+            return {}
+        client_kwargs: dict[str, Any] = {}
+        if self._endpoint_url:
+            client_kwargs["endpoint_url"] = self._endpoint_url
+        if self._region:
+            client_kwargs["region_name"] = self._region
+        options: dict[str, Any] = {"client_kwargs": client_kwargs, "use_listings_cache": False}
+        if self._key and self._secret:
+            options["key"] = self._key.get_secret_value()
+            options["secret"] = self._secret.get_secret_value()
+        return options
+
+    def _resolve(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        url = str(url)
+        protocol = _protocol(url)
+        fs = self._filesystem(protocol)
+        return fs, fs._strip_protocol(url)
+
+    def _to_url(self, like: str, path: str) -> str:
+        """Turn a filesystem path back into a URL of the same style as ``like``."""
+        protocol = _protocol(like)
+        if protocol == "":
+            return path
+        return f"{protocol}://{path.lstrip('/') if protocol != 'file' else path}"
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def exists(self, url: str) -> bool:
+        """Whether an object (or folder) exists at ``url``."""
+        fs, path = self._resolve(url)
+        return bool(fs.exists(path))
+
+    def size(self, url: str) -> int:
+        """Size of the object at ``url`` in bytes."""
+        fs, path = self._resolve(url)
+        return int(fs.size(path))
+
+    def ls(self, prefix: str, *, recursive: bool = False) -> list[str]:
+        """Sorted URLs of the files under ``prefix`` (children only unless ``recursive``).
+
+        A missing prefix lists as empty rather than failing, since "nothing written yet" is the
+        normal state of an output folder.
+        """
+        fs, path = self._resolve(prefix)
+        if not fs.exists(path):
+            return []
+        if recursive:
+            found = fs.find(path)
+        else:
+            found = [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
+        return sorted(self._to_url(prefix, p) for p in found if _TMP_MARKER not in p)
+
+    def sha256(self, url: str) -> str:
+        """Hex SHA-256 of the object at ``url``, streamed in chunks."""
+        digest = hashlib.sha256()
+        with self.open(url, "rb") as handle:
+            for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    # -- raw I/O -------------------------------------------------------------------------------
+
+    def open(self, url: str, mode: str = "rb") -> IO[Any]:
+        """Open ``url`` like :func:`open`. Writing through this handle is *not* atomic."""
+        fs, path = self._resolve(url)
+        if "w" in mode or "a" in mode:
+            fs.makedirs(fs._parent(path), exist_ok=True)
+        return fs.open(path, mode)
+
+    def read_bytes(self, url: str) -> bytes:
+        """The whole object at ``url``."""
+        fs, path = self._resolve(url)
+        return fs.cat_file(path)
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write ``data`` to ``url`` atomically."""
+        self._write_atomic(url, lambda local: local.write_bytes(data))
+
+    def rm(self, url: str, *, recursive: bool = False) -> None:
+        """Remove the object (or, with ``recursive``, the folder) at ``url``; missing is fine."""
+        fs, path = self._resolve(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
+    # -- tables and documents ------------------------------------------------------------------
+
+    def read_parquet(self, url: str) -> pd.DataFrame:
+        """Read a parquet table; list columns come back as Python lists, not numpy arrays."""
+        with self.open(url, "rb") as handle:
+            table = pq.read_table(handle)
+        frame = table.to_pandas()
+        for field in table.schema:
+            if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+                frame[field.name] = pd.Series(
+                    table.column(field.name).to_pylist(), index=frame.index, dtype=object
+                )
+        return frame
+
+    def write_parquet(self, url: str, frame: pd.DataFrame) -> None:
+        """Write ``frame`` (without its index) as parquet to ``url`` atomically."""
+        self._write_atomic(url, lambda local: frame.to_parquet(local, index=False))
+
+    def read_json(self, url: str) -> Any:
+        """Parse the JSON document at ``url``."""
+        return json.loads(self.read_bytes(url))
+
+    def write_json(self, url: str, document: Any) -> None:
+        """Write ``document`` as indented JSON to ``url`` atomically."""
+        data = json.dumps(document, indent=2, sort_keys=True).encode()
+        self.write_bytes(url, data + b"\n")
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def upload_file(self, local_path: str | os.PathLike[str], url: str) -> str:
+        """Copy a local file to ``url`` through a verified temporary object; return its sha256.
+
+        The file goes to a temporary key next to the target, its size and sha256 are checked
+        against the local file, and only then is it committed under the final name. A failed
+        verification removes the temporary object and raises :class:`StorageError`.
+        """
+        local_path = Path(local_path)
+        expected_size = local_path.stat().st_size
+        expected_sha = _file_sha256(local_path)
+        fs, path = self._resolve(url)
+        tmp_path = _temporary_name(path)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        try:
+            fs.put_file(str(local_path), tmp_path)
+            tmp_url = self._to_url(url, tmp_path)
+            actual_size = int(fs.size(tmp_path))
+            if actual_size != expected_size:
+                raise StorageError(
+                    f"upload of {local_path.name} to {url}: size {actual_size} != {expected_size}"
+                )
+            actual_sha = self.sha256(tmp_url)
+            if actual_sha != expected_sha:
+                raise StorageError(f"upload of {local_path.name} to {url}: sha256 mismatch")
+            self._commit(fs, tmp_path, path)
+        finally:
+            if fs.exists(tmp_path):
+                fs.rm(tmp_path)
+        return expected_sha
+
+    def download_file(self, url: str, local_path: str | os.PathLike[str]) -> Path:
+        """Copy ``url`` to ``local_path`` atomically (a partial download never has the name)."""
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        fs, path = self._resolve(url)
+        tmp = Path(_temporary_name(str(local_path)))
+        try:
+            fs.get_file(path, str(tmp))
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local_path
+
+    def local_copy(self, url: str) -> Path:
+        """A local file with the content of ``url`` (for libraries such as h5py that need one).
+
+        Local objects are returned in place. Remote objects are downloaded once into
+        ``cache_dir``, keyed by URL + ETag + size, so a changed object gets a fresh copy.
+        """
+        if _is_local(url):
+            path = _local_path(url)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file: {url}")
+            return path
+        fs, path = self._resolve(url)
+        info = fs.info(path)
+        tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")
+        key = hashlib.sha256(f"{url}\0{tag}\0{info.get('size')}".encode()).hexdigest()
+        suffix = "".join(Path(path).suffixes[-1:])
+        target = self.cache_dir / key[:2] / f"{key}{suffix}"
+        if not target.is_file():
+            self.download_file(url, target)
+        return target
+
+    # -- atomic write machinery ----------------------------------------------------------------
+
+    def _write_atomic(self, url: str, write: Callable[[Path], object]) -> None:
+        """Let ``write`` fill a local temporary file, then commit it to ``url``."""
+        if _is_local(url):
+            target = _local_path(url)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(_temporary_name(str(target)))
+            try:
+                write(tmp)
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return
+        with _local_tempfile() as tmp:
+            write(tmp)
+            self.upload_file(tmp, url)
+
+    def _commit(self, fs: fsspec.AbstractFileSystem, tmp_path: str, path: str) -> None:
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp_path, path)
+        else:
+            fs.copy(tmp_path, path)
+
+
+def _temporary_name(path: str) -> str:
+    parent, _, name = path.rpartition("/")
+    tmp_name = f"{_TMP_MARKER}{uuid.uuid4().hex}-{name}"
+    return f"{parent}/{tmp_name}" if parent else tmp_name
+
+
+@contextlib.contextmanager
+def _local_tempfile() -> Iterator[Path]:
+    directory = tempfile.mkdtemp(prefix="lesa-")
+    try:
+        yield Path(directory) / "payload"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
