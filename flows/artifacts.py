@@ -1,0 +1,96 @@
+"""How a run's results are shown: a console table and Prefect UI artifacts.
+
+Metrics arrive as ``{method: {"zsl": {...}, "gzsl": {...}}}`` with fractions in [0, 1]; both the
+console and the UI show them as percentages, the way the paper reports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+from rich.console import Console
+from rich.table import Table
+
+METRICS_ARTIFACT_KEY = "lesa-metrics"
+SUMMARY_ARTIFACT_KEY = "lesa-summary"
+REPORT_ARTIFACT_KEY = "lesa-report"
+
+MethodMetrics = Mapping[str, Mapping[str, Mapping[str, float]]]
+
+
+def metric_names(metrics: MethodMetrics) -> list[str]:
+    """Metric columns in first-seen order (``mAP``, ``P@3``, ``R@3``, ``F1@3``, ...)."""
+    names: list[str] = []
+    for settings in metrics.values():
+        for values in settings.values():
+            names.extend(name for name in values if name not in names)
+    return names
+
+
+def metrics_rows(metrics: MethodMetrics) -> list[dict[str, Any]]:
+    """One row per (method, setting) with every metric in percent, rounded to 2 decimals."""
+    names = metric_names(metrics)
+    rows = []
+    for method, settings in metrics.items():
+        for setting, values in settings.items():
+            row: dict[str, Any] = {"method": method, "setting": setting.upper()}
+            row.update(
+                {name: round(100 * values[name], 2) if name in values else None for name in names}
+            )
+            rows.append(row)
+    return rows
+
+
+def print_metrics(metrics: MethodMetrics, *, title: str, console: Console | None = None) -> None:
+    """Print the ZSL and GZSL metrics of every method as one table (percent)."""
+    rows = metrics_rows(metrics)
+    names = metric_names(metrics)
+    table = Table(title=title)
+    table.add_column("method")
+    table.add_column("setting")
+    for name in names:
+        table.add_column(f"{name} (%)", justify="right")
+    for row in rows:
+        cells = ["-" if row[name] is None else f"{row[name]:.2f}" for name in names]
+        table.add_row(row["method"], row["setting"], *cells)
+    (console or Console()).print(table)
+
+
+def publish_run_artifacts(
+    *,
+    run_name: str,
+    metrics: MethodMetrics,
+    summary_lines: Sequence[str],
+    report_urls: Mapping[str, str],
+) -> None:
+    """Attach the metrics table, a Markdown summary and links to the reports to the flow run."""
+    create_table_artifact(
+        key=METRICS_ARTIFACT_KEY,
+        table=metrics_rows(metrics),
+        description=f"ZSL / GZSL metrics (%) of run {run_name}",
+    )
+    markdown = "\n".join(
+        [
+            f"# LESA run `{run_name}`",
+            "",
+            *summary_lines,
+            "",
+            "## Reports",
+            "",
+            *(f"- {name}: `{url}`" for name, url in report_urls.items()),
+        ]
+    )
+    create_markdown_artifact(
+        key=SUMMARY_ARTIFACT_KEY, markdown=markdown, description=f"Summary of run {run_name}"
+    )
+    for name, url in report_urls.items():
+        if url.startswith(("http://", "https://", "s3://", "file://", "/")):
+            create_link_artifact(
+                key=REPORT_ARTIFACT_KEY, link=url, link_text=name, description=f"{run_name}: {name}"
+            )

@@ -1,0 +1,41 @@
+"""Command-line pieces shared by the flow entry points (``python -m flows.<name>``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from tasks.config import ConfigError, parse_override
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+"""The embedded default run config (emoji-scenes, EfficientNet-Lite0, offline GloVe)."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and repeatable ``--set key.path=value`` overrides."""
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        metavar="PATH_OR_URL",
+        help="YAML run config: a path, file:// or s3:// URL (default: configs/default.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=(
+            "override one config value, e.g. --set train.steps=200 --set "
+            "storage.root=s3://bucket/lesa (repeatable; VALUE is read as YAML)"
+        ),
+    )
+
+
+def overrides_from(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """Parse ``--set`` items, turning a malformed one into an argparse error."""
+    try:
+        return dict(parse_override(item) for item in items)
+    except ConfigError as exc:
+        parser.error(str(exc))
