@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
@@ -36,6 +38,7 @@ CURVE_KS: tuple[int, ...] = tuple(range(1, 21))
 """K = 1..20 for the P/R/F1 curves (covers both NUS-WIDE's 3/5 and Open Images' 10/20)."""
 BAR_LABELS = 10
 """Best and worst labels shown in the bar chart, each."""
+SPLIT_COLOURS = {"seen": "tab:blue", "unseen": "tab:orange"}
 
 
 class ReportError(ValueError):
@@ -134,7 +137,7 @@ def report_markdown(
     if pointing is not None:
         lines += ["## Attention localisation (pointing game)", "", *_pointing_lines(pointing), ""]
     if label_ap is not None:
-        lines += ["## Per-label AP", "", *_label_ap_lines(label_ap), ""]
+        lines += ["## Per-label AP", "", *_label_ap_lines(label_ap)]
     for caption, link in (plots or {}).items():
         lines += [f"![{caption}]({link})", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -228,9 +231,11 @@ def pointing_summary(result: PointingGameResult) -> dict[str, float | int]:
 def best_worst_figure(label_ap: pd.DataFrame, count: int = BAR_LABELS) -> Figure:
     """Horizontal bars: the ``count`` best and ``count`` worst labels by AP, coloured by split."""
     ranked = label_ap.sort_values("ap", ascending=False, ignore_index=True)
+    title = "Labels by AP"
     if len(ranked) > 2 * count:
         ranked = pd.concat([ranked.head(count), ranked.tail(count)], ignore_index=True)
-    colours = ["tab:blue" if split == "seen" else "tab:orange" for split in ranked["split"]]
+        title = f"Best and worst {count} labels by AP"
+    colours = [SPLIT_COLOURS[split] for split in ranked["split"]]
     figure = Figure(figsize=(7.0, 0.3 * len(ranked) + 1.5), layout="constrained")
     axis = figure.subplots()
     positions = np.arange(len(ranked))[::-1]
@@ -238,10 +243,11 @@ def best_worst_figure(label_ap: pd.DataFrame, count: int = BAR_LABELS) -> Figure
     axis.set_yticks(positions, [str(label) for label in ranked["label"]])
     axis.set_xlabel("AP (%)")
     axis.set_xlim(0, 100)
-    axis.set_title(f"Best and worst {min(count, len(ranked))} labels by AP")
-    for split, colour in (("seen", "tab:blue"), ("unseen", "tab:orange")):
-        axis.barh([], [], color=colour, label=split)
-    axis.legend(loc="lower right")
+    axis.set_title(title)
+    axis.legend(
+        handles=[Patch(color=colour, label=split) for split, colour in SPLIT_COLOURS.items()],
+        loc="lower right",
+    )
     return figure
 
 
@@ -258,6 +264,7 @@ def topk_figure(curve: pd.DataFrame) -> Figure:
             axis.plot(rows["k"], 100 * rows[column].to_numpy(dtype=float), marker="o", label=name)
         axis.set_title(setting.upper())
         axis.set_xlabel("K")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("%")
         axis.set_ylim(0, 100)
         axis.legend()
@@ -275,7 +282,7 @@ def _summary_table(methods: Mapping[str, SettingMetrics], setting: str) -> list[
     for method, values in methods.items():
         row = values.get(setting, {})
         cells = [_percent(row[name]) if name in row else "-" for name in names]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(method)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -321,11 +328,16 @@ def _label_ap_lines(label_ap: pd.DataFrame) -> list[str]:
             "|---|---:|---:|",
         ]
         lines += [
-            f"| {row.label} | {_percent(row.ap)} | {int(row.positives)} |"
+            f"| {_cell(row.label)} | {_percent(row.ap)} | {int(row.positives)} |"
             for row in rows.itertuples(index=False)
         ]
         lines.append("")
     return lines
+
+
+def _cell(text: object) -> str:
+    """Text safe inside a Markdown table cell (a label may contain a pipe)."""
+    return str(text).replace("|", "\\|")
 
 
 def _percent(value: float) -> str:
