@@ -137,7 +137,11 @@ def resize_side(image_size: int) -> int:
 def build_transform(
     name: str, preprocessing: str | None, image_size: int
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """RGB PIL image -> float32 (3, image_size, image_size) tensor ready for the backbone."""
+    """RGB PIL image -> float32 (3, image_size, image_size) tensor ready for the backbone.
+
+    Resizing and cropping happen on the PIL image (Pillow's antialiased resize, as torchvision's
+    own weight transforms do), before the pixels become a tensor.
+    """
     spec = get_spec(name)
     check_image_size(spec, image_size)
     kind = resolve_preprocessing(name, preprocessing)
@@ -150,9 +154,9 @@ def build_transform(
     }
     return v2.Compose(
         [
-            v2.ToImage(),
             v2.Resize(resize_side(image_size), interpolation=spec.interpolation, antialias=True),
             v2.CenterCrop(image_size),
+            v2.ToImage(),
             v2.ToDtype(torch.float32, scale=False),
             normalise[kind],
         ]

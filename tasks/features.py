@@ -1,0 +1,633 @@
+"""Region-feature extraction: label table -> sharded HDF5 features, in parallel on Dask.
+
+Each shard (``shard_size`` consecutive images of the label table) is one Dask task: read the
+images through :class:`~tasks.storage.Storage`, decode them with
+:func:`tasks.images.decode_image` (failures become rejects rows; the shard still completes),
+run the backbone in batches, write the HDF5 file locally, upload it verified, and return its
+manifest row. The driver commits rows as shards finish, rewriting the manifest atomically each
+time, so a crash or a killed worker leaves only verified shards listed.
+
+A rerun skips every listed shard whose file still matches its row (size, sha256) and whose image
+ids are still the ones the table puts in that shard, and recomputes the rest. Features never
+depend on labels: the feature key names everything that changes the features, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from distributed import Client, LocalCluster, as_completed, get_worker
+from prefect import task
+from pydantic import Field, field_validator, model_validator
+from tqdm.auto import tqdm
+
+from lesa_model.config import StrictModel
+from tasks import backbones, schemas
+from tasks.backbones import Backbone, BackboneName, PreprocessingName
+from tasks.feature_reader import (
+    FEATURES_DATASET,
+    FORMAT_VERSION,
+    IMAGE_IDS_DATASET,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    FeatureBatches,
+    FeatureStore,
+    ids_sha256,
+    shard_name,
+)
+from tasks.images import ImageRejected, decode_image
+from tasks.storage import Storage
+
+__all__ = [
+    "DaskConfig",
+    "ExtractionError",
+    "FeatureBatches",
+    "FeatureSet",
+    "FeatureStore",
+    "FeaturesConfig",
+    "ShardPlan",
+    "dask_client",
+    "extract_features",
+    "extract_features_task",
+    "extract_shard",
+    "feature_key",
+    "features_prefix",
+    "plan_shards",
+]
+
+log = logging.getLogger(__name__)
+
+REJECT_STAGE = "features"
+IO_THREADS = 4
+"""Threads per shard task that read and decode images while the backbone runs."""
+
+
+class ExtractionError(RuntimeError):
+    """Some shards failed; the others are committed and a rerun retries only the failed ones."""
+
+
+class DaskConfig(StrictModel):
+    """Where shards run: a LocalCluster (default) or any running scheduler by address."""
+
+    address: str | None = None
+    """``tcp://host:8786`` of a running scheduler (Kubernetes, HPC, ...); None starts a
+    LocalCluster on 127.0.0.1 with the settings below."""
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    processes: bool = True
+    dashboard: bool = True
+    """Serve (and print the link to) the Dask dashboard; needs the ``bokeh`` package."""
+
+
+class FeaturesConfig(StrictModel):
+    """How features are computed and stored. Everything that changes the numbers is hashed into
+    the feature key; ``shard_size``, ``batch_size``, ``device`` and ``dask`` only change speed."""
+
+    backbone: BackboneName = "efficientnet-lite0"
+    weights: str = backbones.PRETRAINED
+    """``imagenet``, ``none`` (random; tests only) or a weights file path/URL."""
+    image_size: int = Field(224, ge=16)
+    preprocessing: PreprocessingName | None = None
+    """None: the backbone's default for its weights (torchvision for vgg19)."""
+    shard_size: int = Field(1024, ge=1)
+    dtype: str = "float16"
+    batch_size: int = Field(32, ge=1)
+    """Images per backbone forward pass, and HDF5 chunk rows (one training batch per chunk)."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Intra-op threads per task; None: the host's cores / (worker threads on that host)."""
+    device: str = "auto"
+    """``auto`` (CUDA when the worker has it, with half precision), ``cpu`` or ``cuda``."""
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in schemas.FEATURE_DTYPES:
+            raise ValueError(f"dtype must be one of {schemas.FEATURE_DTYPES}, got {value!r}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _backbone_fits(self) -> FeaturesConfig:
+        backbones.preprocessing_id(self.backbone, self.preprocessing, self.image_size)
+        return self
+
+    @property
+    def preprocessing_id(self) -> str:
+        """The resolved preprocessing identifier written into shards and the manifest."""
+        return backbones.preprocessing_id(self.backbone, self.preprocessing, self.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Region grid (h, w) the backbone gives at ``image_size``."""
+        return backbones.get_spec(self.backbone).grid(self.image_size)
+
+
+def feature_key(config: FeaturesConfig) -> str:
+    """``<backbone>-<hash>`` naming a feature set by everything that changes its numbers."""
+    identity = {
+        "backbone": config.backbone,
+        "weights": config.weights,
+        "image_size": config.image_size,
+        "preprocessing": config.preprocessing_id,
+        "dtype": config.dtype,
+        "format_version": FORMAT_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return f"{config.backbone}-{digest[:10]}"
+
+
+def features_prefix(storage: Storage, dataset_name: str, config: FeaturesConfig) -> str:
+    """The folder of a dataset's feature set: ``features/<name>/<feature-key>``."""
+    return storage.url("features", dataset_name, feature_key(config))
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Where an extracted feature set lives and what shape its features have."""
+
+    manifest_url: str
+    rejects_url: str
+    regions: int
+    dim: int
+    grid: tuple[int, int]
+    num_images: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard's work: which images (ids and resolved URLs) and where the shard goes."""
+
+    index: int
+    image_ids: tuple[str, ...]
+    uris: tuple[str, ...]
+    shard_uri: str
+
+    @property
+    def ids_sha256(self) -> str:
+        """Digest of the ids the table assigns to this shard (rejected ones included)."""
+        return ids_sha256(self.image_ids)
+
+
+@dataclass
+class ShardResult:
+    """What a shard task returns: its manifest row and its rejected images."""
+
+    manifest_row: dict[str, Any]
+    rejects: list[dict[str, str]] = field(default_factory=list)
+
+
+def resolve_uri(uri: str, images_prefix: str) -> str:
+    """An image's URL: absolute URLs and paths as they are, others under ``images_prefix``."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return f"{images_prefix.rstrip('/')}/{uri.lstrip('/')}"
+
+
+def plan_shards(
+    label_table: pd.DataFrame, images_prefix: str, shard_size: int, out_prefix: str
+) -> list[ShardPlan]:
+    """Cut the table (in its row order) into shards of ``shard_size`` images."""
+    ids = label_table["image_id"].astype(str).tolist()
+    uris = [resolve_uri(str(u), images_prefix) for u in label_table["uri"]]
+    return [
+        ShardPlan(
+            index=number,
+            image_ids=tuple(ids[start : start + shard_size]),
+            uris=tuple(uris[start : start + shard_size]),
+            shard_uri=f"{out_prefix.rstrip('/')}/{shard_name(number)}",
+        )
+        for number, start in enumerate(range(0, len(ids), shard_size))
+    ]
+
+
+# -- worker side -------------------------------------------------------------------------------
+
+_BACKBONES: dict[tuple[Any, ...], Backbone] = {}
+
+
+def _worker_backbone(config: FeaturesConfig, device: torch.device, storage: Storage) -> Backbone:
+    """The backbone for ``config`` on ``device``, built once per worker process."""
+    key = (config.backbone, config.weights, config.image_size, config.preprocessing, str(device))
+    if key not in _BACKBONES:
+        backbone = backbones.load_backbone(
+            config.backbone,
+            weights=config.weights,
+            image_size=config.image_size,
+            preprocessing=config.preprocessing,
+            open_weights=storage.local_copy,
+        )
+        backbone.module.to(device)
+        if device.type == "cuda":
+            backbone.module.half().to(memory_format=torch.channels_last)
+        _BACKBONES.clear()
+        _BACKBONES[key] = backbone
+    return _BACKBONES[key]
+
+
+def _device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("features.device is 'cuda' but this worker has no CUDA device")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def _load_image(
+    uri: str, storage: Storage, transform: Callable[[Any], torch.Tensor]
+) -> torch.Tensor | tuple[str, str]:
+    """Read, decode and preprocess one image, or return ``(reason, detail)`` if it is unusable."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as error:
+        return "missing", str(error) or uri
+    except (OSError, PermissionError, ValueError) as error:
+        return "unreadable", f"{type(error).__name__}: {error}"
+    try:
+        return transform(decode_image(data))
+    except ImageRejected as error:
+        return error.reason, error.detail
+
+
+def _run_backbone(backbone: Backbone, batch: torch.Tensor, device: torch.device) -> np.ndarray:
+    """(B, 3, S, S) -> float32 (B, R, D) regions, row-major over the grid."""
+    batch = batch.to(device)
+    if device.type == "cuda":
+        batch = batch.half().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        maps = backbone.module(batch)
+    return maps.flatten(2).transpose(1, 2).float().cpu().numpy()
+
+
+def _batched(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def extract_shard(
+    plan: ShardPlan, config: FeaturesConfig, storage: Storage, torch_threads: int | None = None
+) -> ShardResult:
+    """Compute, write, upload and verify one shard; return its manifest row and rejects.
+
+    Images are read and decoded by a small thread pool one batch ahead of the backbone. The
+    HDF5 file is written in a private temporary folder and committed by ``upload_file`` (temp
+    key, size + sha256 check, rename), so an interrupted task leaves no visible shard.
+    """
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    device = _device(config.device)
+    backbone = _worker_backbone(config, device, storage)
+    h, w = backbone.grid
+    regions, dim = h * w, backbone.dim
+    kept: list[str] = []
+    rejects: list[dict[str, str]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="lesa-shard-") as folder,
+        ThreadPoolExecutor(max_workers=IO_THREADS) as pool,
+    ):
+        local = Path(folder) / shard_name(plan.index)
+        with h5py.File(local, "w") as shard:
+            features = shard.create_dataset(
+                FEATURES_DATASET,
+                shape=(0, regions, dim),
+                maxshape=(None, regions, dim),
+                chunks=(config.batch_size, regions, dim),
+                dtype=config.dtype,
+            )
+            batches = list(_batched(range(len(plan.image_ids)), config.batch_size))
+
+            def submit(positions: Sequence[int]) -> list[Future]:
+                return [
+                    pool.submit(_load_image, plan.uris[p], storage, backbone.transform)
+                    for p in positions
+                ]
+
+            pending = submit(batches[0]) if batches else []
+            for number, positions in enumerate(batches):
+                loaded = [future.result() for future in pending]
+                if number + 1 < len(batches):
+                    pending = submit(batches[number + 1])
+                tensors = []
+                for position, result in zip(positions, loaded, strict=True):
+                    if isinstance(result, torch.Tensor):
+                        tensors.append(result)
+                        kept.append(plan.image_ids[position])
+                    else:
+                        rejects.append(
+                            {
+                                "image_id": plan.image_ids[position],
+                                "uri": plan.uris[position],
+                                "stage": REJECT_STAGE,
+                                "reason": result[0],
+                            }
+                        )
+                        log.info("rejected %s: %s (%s)", plan.uris[position], *result)
+                if not tensors:
+                    continue
+                values = _run_backbone(backbone, torch.stack(tensors), device)
+                stored = values.astype(config.dtype)
+                if not np.isfinite(stored).all():
+                    raise ExtractionError(
+                        f"shard {plan.index}: non-finite features in {config.dtype} (overflow or "
+                        "broken weights); use dtype float32 or check the weights"
+                    )
+                start = features.shape[0]
+                features.resize(start + len(stored), axis=0)
+                features[start:] = stored
+            shard.create_dataset(
+                IMAGE_IDS_DATASET, data=np.array(kept, dtype=object), dtype=h5py.string_dtype()
+            )
+            shard.attrs.update(
+                {
+                    "backbone": backbone.name,
+                    "preprocessing": backbone.preprocessing,
+                    "grid": np.array([h, w], dtype=np.int64),
+                    "format_version": FORMAT_VERSION,
+                    "weights": config.weights,
+                    "image_size": config.image_size,
+                }
+            )
+        sha256 = storage.upload_file(local, plan.shard_uri)
+        size = local.stat().st_size
+    row = {
+        "shard_index": plan.index,
+        "shard_uri": plan.shard_uri,
+        "num_images": len(kept),
+        "backbone": backbone.name,
+        "preprocessing": backbone.preprocessing,
+        "regions": regions,
+        "dim": dim,
+        "dtype": config.dtype,
+        "sha256": sha256,
+        "size_bytes": size,
+        "ids_sha256": plan.ids_sha256,
+    }
+    return ShardResult(manifest_row=row, rejects=rejects)
+
+
+def _extract_shard_on_worker(
+    plan: ShardPlan, config: FeaturesConfig, storage: Storage, threads_by_host: dict[str, int]
+) -> ShardResult:
+    """Dask task: pick this host's torch thread count, then extract the shard."""
+    host = urlparse(get_worker().address).hostname or ""
+    return extract_shard(plan, config, storage, config.torch_threads or threads_by_host.get(host))
+
+
+# -- driver side -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dask_client(config: DaskConfig) -> Iterator[Client]:
+    """A client for the configured scheduler, or for a LocalCluster started (and closed) here."""
+    if config.address:
+        with Client(config.address) as client:
+            yield client
+        return
+    dashboard = config.dashboard and importlib.util.find_spec("bokeh") is not None
+    if config.dashboard and not dashboard:
+        log.warning("Dask dashboard disabled: the bokeh package is not installed")
+    with (
+        LocalCluster(
+            n_workers=config.n_workers,
+            threads_per_worker=config.threads_per_worker,
+            processes=config.processes,
+            host="127.0.0.1",
+            dashboard_address=":0" if dashboard else None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _threads_by_host(client: Client) -> dict[str, int]:
+    """Torch threads per task on each host, so tasks together use the host's cores once."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    cores = client.run(lambda: len(os.sched_getaffinity(0)))
+    task_slots: dict[str, int] = {}
+    host_cores: dict[str, int] = {}
+    for address, info in workers.items():
+        host = urlparse(address).hostname or ""
+        task_slots[host] = task_slots.get(host, 0) + int(info["nthreads"])
+        host_cores[host] = int(cores.get(address, 1))
+    return {host: max(1, host_cores[host] // slots) for host, slots in task_slots.items()}
+
+
+def _dashboard_link(client: Client) -> str | None:
+    services = client.scheduler_info(n_workers=0).get("services", {})
+    return client.dashboard_link if "dashboard" in services else None
+
+
+def _shard_is_valid(
+    row: pd.Series, plan: ShardPlan, config: FeaturesConfig, storage: Storage
+) -> bool:
+    """Whether a manifest row still describes this plan's shard, byte for byte."""
+    expected = {
+        "shard_uri": plan.shard_uri,
+        "ids_sha256": plan.ids_sha256,
+        "backbone": config.backbone,
+        "preprocessing": config.preprocessing_id,
+        "dtype": config.dtype,
+    }
+    if any(str(row[column]) != value for column, value in expected.items()):
+        return False
+    if not storage.exists(plan.shard_uri) or storage.size(plan.shard_uri) != row["size_bytes"]:
+        return False
+    return storage.sha256(plan.shard_uri) == row["sha256"]
+
+
+def _read_table(storage: Storage, url: str, model: type, columns: list[str]) -> pd.DataFrame:
+    if not storage.exists(url):
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
+    return schemas.validate(storage.read_parquet(url), model, stage="features")
+
+
+def _committed_shards(
+    storage: Storage, manifest_url: str, plans: list[ShardPlan], config: FeaturesConfig
+) -> dict[int, dict[str, Any]]:
+    """Rows of the existing manifest that still verify, by shard index."""
+    manifest = _read_table(
+        storage,
+        manifest_url,
+        schemas.FeatureManifest,
+        list(schemas.FeatureManifest.to_schema().columns),
+    )
+    by_index = {plan.index: plan for plan in plans}
+    rows = [row for _, row in manifest.iterrows() if int(row["shard_index"]) in by_index]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        valid = list(
+            tqdm(
+                pool.map(
+                    lambda row: _shard_is_valid(
+                        row, by_index[int(row["shard_index"])], config, storage
+                    ),
+                    rows,
+                ),
+                total=len(rows),
+                desc="verifying shards",
+                unit="shard",
+                disable=not rows,
+            )
+        )
+    return {
+        int(row["shard_index"]): row.to_dict() for row, ok in zip(rows, valid, strict=True) if ok
+    }
+
+
+class _Committer:
+    """Keeps manifest and rejects tables in storage in step with finished shards."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        manifest_url: str,
+        rejects_url: str,
+        rows: dict[int, dict[str, Any]],
+        rejects: pd.DataFrame,
+    ) -> None:
+        self.storage = storage
+        self.manifest_url = manifest_url
+        self.rejects_url = rejects_url
+        self.rows = rows
+        self.rejects = rejects
+
+    def commit(self, result: ShardResult | None = None) -> None:
+        """Record ``result`` (if any), then rewrite rejects, then the manifest, atomically.
+
+        Rejects go first: a crash in between leaves rejects of an unlisted shard, which the
+        rerun replaces, never a listed shard with its rejects missing.
+        """
+        if result is not None:
+            index = int(result.manifest_row["shard_index"])
+            self.rows[index] = result.manifest_row
+            fresh = pd.DataFrame(result.rejects, columns=list(self.rejects.columns))
+            ids = set(fresh["image_id"])
+            kept = self.rejects[~self.rejects["image_id"].isin(ids)]
+            self.rejects = pd.concat([kept, fresh], ignore_index=True) if len(fresh) else kept
+        self.storage.write_parquet(
+            self.rejects_url,
+            schemas.validate(
+                self.rejects.reset_index(drop=True), schemas.Rejects, stage="features"
+            ),
+        )
+        manifest = pd.DataFrame(
+            [self.rows[index] for index in sorted(self.rows)],
+            columns=list(schemas.FeatureManifest.to_schema().columns),
+        )
+        self.storage.write_parquet(
+            self.manifest_url, schemas.validate(manifest, schemas.FeatureManifest, stage="features")
+        )
+
+
+def extract_features(
+    label_table: pd.DataFrame,
+    images_prefix: str,
+    config: FeaturesConfig,
+    storage: Storage,
+    out_prefix: str,
+) -> FeatureSet:
+    """Extract (or finish extracting) the features of every image in ``label_table``.
+
+    ``images_prefix`` is the URL relative image URIs hang under; ``out_prefix`` is the feature
+    set's folder URL (see :func:`features_prefix`). Shards already committed and verified are
+    kept; the others run as Dask tasks. Raises :class:`ExtractionError` after committing every
+    shard that did finish, if any failed.
+    """
+    table = schemas.validate(label_table, schemas.LabelTable, stage="features")
+    out_prefix = out_prefix.rstrip("/")
+    manifest_url = f"{out_prefix}/{MANIFEST_NAME}"
+    rejects_url = f"{out_prefix}/{REJECTS_NAME}"
+    plans = plan_shards(table, images_prefix, config.shard_size, out_prefix)
+    rows = _committed_shards(storage, manifest_url, plans, config)
+    planned_ids = {image_id for plan in plans if plan.index in rows for image_id in plan.image_ids}
+    previous = _read_table(
+        storage, rejects_url, schemas.Rejects, list(schemas.Rejects.to_schema().columns)
+    )
+    committer = _Committer(
+        storage,
+        manifest_url,
+        rejects_url,
+        rows,
+        previous[previous["image_id"].isin(planned_ids)].astype(str),
+    )
+    committer.commit()
+    todo = [plan for plan in plans if plan.index not in rows]
+    if todo:
+        log.info("extracting %d of %d shards into %s", len(todo), len(plans), out_prefix)
+        _run_shards(todo, config, storage, committer)
+    grid = config.grid
+    return FeatureSet(
+        manifest_url=manifest_url,
+        rejects_url=rejects_url,
+        regions=grid[0] * grid[1],
+        dim=backbones.get_spec(config.backbone).dim,
+        grid=grid,
+        num_images=sum(int(row["num_images"]) for row in committer.rows.values()),
+    )
+
+
+def _run_shards(
+    todo: list[ShardPlan], config: FeaturesConfig, storage: Storage, committer: _Committer
+) -> None:
+    failures: list[str] = []
+    with dask_client(config.dask) as client:
+        link = _dashboard_link(client)
+        if link:
+            tqdm.write(f"Dask dashboard: {link}")
+        threads = _threads_by_host(client)
+        futures = {
+            client.submit(
+                _extract_shard_on_worker, plan, config, storage, threads, pure=False
+            ): plan
+            for plan in todo
+        }
+        progress = tqdm(total=len(futures), desc="feature shards", unit="shard")
+        for future in as_completed(futures):
+            plan = futures[future]
+            try:
+                committer.commit(future.result())
+            except Exception as error:  # one shard's failure must not lose the others
+                failures.append(
+                    f"shard {plan.index} ({plan.shard_uri}): {type(error).__name__}: {error}"
+                )
+                log.error("shard %d failed: %s", plan.index, error)
+            progress.update()
+        progress.close()
+    if failures:
+        raise ExtractionError(
+            f"{len(failures)} of {len(todo)} shards failed (the rest are committed; rerun to "
+            "retry):\n" + "\n".join(failures)
+        )
+
+
+@task(name="extract-features")
+def extract_features_task(
+    label_table: pd.DataFrame,
+    images_prefix: str,
+    config: FeaturesConfig,
+    storage: Storage,
+    out_prefix: str,
+) -> FeatureSet:
+    """Prefect wrapper of :func:`extract_features`."""
+    return extract_features(label_table, images_prefix, config, storage, out_prefix)
