@@ -1,0 +1,170 @@
+"""The LESA model: shared multi-attention over image regions with a bilinear label compatibility.
+
+Eq. 1-4 and 10 of Huynh & Elhamifar (CVPR 2020): M attention modules each pool the R region
+features into one attention feature z_m; a label c with word vector v_c scores
+``s_c = max_m <W3 v_c, z_m>``. Because labels enter only through their word vectors, any label
+(seen in training or not) is scored by the same forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lesa_model.config import ModelConfig
+from lesa_model.validation import check_label_vectors, check_tensor
+
+
+@dataclass(frozen=True)
+class LesaOutput:
+    """Everything one forward pass produces; the losses and the attention maps read from it."""
+
+    scores: torch.Tensor
+    """(B, C) label scores s (Eq. 10)."""
+    logits: torch.Tensor
+    """(B, M, R) unnormalised attention e (Eq. 3)."""
+    attention: torch.Tensor
+    """(B, M, R) attention weights alpha, softmax of e over regions."""
+    attended: torch.Tensor
+    """(B, M, D) attention features z (Eq. 2)."""
+    module_scores: torch.Tensor
+    """(B, M, C) <theta_c, z_m> for every module and label."""
+    selected: torch.Tensor
+    """(B, C) int64 index of the module that gives each label its score."""
+    mean_scores: torch.Tensor
+    """(B, C) mean over regions of <theta_c, f_r> (the equal-weight score of the rel loss)."""
+
+
+class FeatureAdapter(nn.Module):
+    """The release's learned 2x2 convolution + batch norm over the region grid.
+
+    TensorFlow's "same" padding for an even kernel pads one row/column after the data only, which
+    ``ZeroPad2d((0, 1, 0, 1))`` reproduces exactly (PyTorch's ``padding="same"`` would copy).
+    """
+
+    def __init__(self, dim: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.grid = grid
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.conv = nn.Conv2d(dim, dim, kernel_size=2)
+        self.norm = nn.BatchNorm2d(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch, regions, dim = features.shape
+        height, width = self.grid
+        maps = features.transpose(1, 2).reshape(batch, dim, height, width)
+        maps = self.norm(self.conv(self.pad(maps)))
+        return maps.reshape(batch, dim, regions).transpose(1, 2)
+
+
+class LESA(nn.Module):
+    """Shared multi-attention zero-shot tagger.
+
+    Args:
+        feature_dim: D, the size of each region feature given to :meth:`forward`.
+        label_dim: d, the size of the label word vectors.
+        cfg: architecture options (:class:`ModelConfig`).
+        grid: (height, width) of the region grid, with height x width = R; needed only by the
+            feature adapter, which convolves over the grid.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        label_dim: int,
+        cfg: ModelConfig | None = None,
+        *,
+        grid: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        if feature_dim < 1 or label_dim < 1:
+            raise ValueError(
+                f"feature_dim and label_dim must be positive, got {feature_dim}, {label_dim}"
+            )
+        if cfg.feature_adapter and grid is None:
+            raise ValueError("feature_adapter needs the region grid: pass LESA(..., grid=(h, w))")
+        self.feature_dim = feature_dim
+        self.label_dim = label_dim
+        self.cfg = cfg
+        self.grid = tuple(grid) if grid is not None else None
+        dim = cfg.input_projection or feature_dim
+        hidden = cfg.hidden_dim or dim
+        modules = 1 if cfg.pooling == "mean" else cfg.num_modules
+        self.num_modules = modules
+        self.projection = nn.Linear(feature_dim, dim) if cfg.input_projection else None
+        self.adapter = FeatureAdapter(dim, self.grid) if cfg.feature_adapter else None
+        self.first_layer: nn.Module | None = None
+        if cfg.pooling == "attention" and cfg.first_layer == "per-module":
+            # All modules' W1 side by side: one (D, M*H) matmul instead of M small ones.
+            self.w1 = nn.Parameter(torch.empty(dim, modules * hidden))
+            self.w2 = nn.Parameter(torch.empty(modules, hidden))
+            # Glorot-uniform per module: W1_m is (D, H), w2_m is (H, 1).
+            nn.init.uniform_(self.w1, -math.sqrt(6 / (dim + hidden)), math.sqrt(6 / (dim + hidden)))
+            nn.init.uniform_(self.w2, -math.sqrt(6 / (hidden + 1)), math.sqrt(6 / (hidden + 1)))
+        elif cfg.pooling == "attention":
+            self.first_layer = nn.Linear(dim, hidden)
+            self.second_layer = nn.Linear(hidden, modules)
+        self.label_projection = nn.Linear(label_dim, dim, bias=False)
+        self.hidden = hidden
+
+    def region_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The region features F the attention sees: after the optional projection and adapter."""
+        if self.projection is not None:
+            features = self.projection(features)
+        if self.adapter is not None:
+            features = self.adapter(features)
+        return features
+
+    def attention_logits(self, regions: torch.Tensor) -> torch.Tensor:
+        """e (B, M, R) of Eq. 3: ``tanh(F W1_m) w2_m`` per module."""
+        batch, count, _ = regions.shape
+        if self.first_layer is None:
+            hidden = torch.tanh(regions @ self.w1).view(batch, count, self.num_modules, self.hidden)
+            logits = (hidden * self.w2).sum(dim=-1)
+        else:
+            logits = self.second_layer(torch.tanh(self.first_layer(regions)))
+        return logits.transpose(1, 2)
+
+    def forward(self, features: torch.Tensor, label_vectors: torch.Tensor) -> LesaOutput:
+        """Score each label of ``label_vectors`` (C, d) in each image of ``features`` (B, R, D)."""
+        check_tensor(features, "features", ndim=3)
+        if features.shape[2] != self.feature_dim:
+            raise ValueError(
+                f"features have dimension {features.shape[2]}, the model expects {self.feature_dim}"
+            )
+        if features.shape[1] == 0:
+            raise ValueError("features have no regions (R = 0)")
+        if self.grid is not None and self.adapter is not None:
+            expected = self.grid[0] * self.grid[1]
+            if features.shape[1] != expected:
+                raise ValueError(
+                    f"features have {features.shape[1]} regions but the grid {self.grid} "
+                    f"has {expected}"
+                )
+        check_label_vectors(label_vectors, self.label_dim)
+
+        regions = self.region_features(features)
+        batch, count, _ = regions.shape
+        if self.cfg.pooling == "mean":
+            logits = regions.new_zeros(batch, 1, count)
+        else:
+            logits = self.attention_logits(regions)
+        attention = torch.softmax(logits, dim=-1)
+        attended = attention @ regions
+        theta = self.label_projection(label_vectors.to(regions.dtype))
+        module_scores = attended @ theta.T
+        scores, selected = module_scores.max(dim=1)
+        mean_scores = regions.mean(dim=1) @ theta.T
+        return LesaOutput(
+            scores=scores,
+            logits=logits,
+            attention=attention,
+            attended=attended,
+            module_scores=module_scores,
+            selected=selected,
+            mean_scores=mean_scores,
+        )
