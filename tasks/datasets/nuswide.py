@@ -1,0 +1,500 @@
+"""NUS-WIDE from its official metadata files, with the paper's 925 seen / 81 unseen split.
+
+Expected layout under ``metadata`` (a local folder or an ``s3://`` prefix), as distributed by
+NUS LMS::
+
+    ImageList/Imagelist.txt, TrainImagelist.txt, TestImagelist.txt   (backslash paths)
+    NUS_WID_Tags/TagList1k.txt                                       (1,000 tags)
+    NUS_WID_Tags/AllTags1k.txt    (rows = Imagelist.txt, 0/1 + tab per tag, trailing tab)
+      or NUS_WID_Tags/Train_Tags1k.dat + Test_Tags1k.dat (rows = the train / test lists)
+    ConceptsList/Concepts81.txt                                      (81 concepts)
+    Groundtruth/AllLabels/Labels_<concept>.txt  (rows = Imagelist.txt)
+      or Groundtruth/TrainTestLabels/Labels_<concept>_Test.txt (rows = TestImagelist.txt)
+    NUS-WIDE-urls.txt             (only needed to download images)
+
+Seen labels are the 1,000 tags minus those that are also concepts (925); unseen labels are the
+81 concepts, annotated by humans. Train (and validation) images carry their seen tags and are
+``complete`` (an absent seen tag is a negative); test images carry seen tags and concepts, also
+complete. Validation is the first ``num_val`` images of the train list (the authors' release
+uses 5,000).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from lesa_model.config import StrictModel
+from tasks import schemas
+from tasks.datasets.base import (
+    IMAGES_DIR,
+    DatasetArtifacts,
+    DatasetError,
+    DatasetName,
+    dataset_url,
+    join_url,
+    label_tokens,
+    load_prepared,
+    read_text,
+    write_dataset,
+)
+from tasks.download import DownloadConfig, DownloadItem, download_many
+from tasks.images import FLICKR_PLACEHOLDER_SHA256, MIN_DOWNLOAD_BYTES, check_download
+from tasks.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+IMAGE_LIST = "ImageList/Imagelist.txt"
+TRAIN_LIST = "ImageList/TrainImagelist.txt"
+TEST_LIST = "ImageList/TestImagelist.txt"
+TAG_LIST = "NUS_WID_Tags/TagList1k.txt"
+ALL_TAGS = "NUS_WID_Tags/AllTags1k.txt"
+TRAIN_TAGS = "NUS_WID_Tags/Train_Tags1k.dat"
+TEST_TAGS = "NUS_WID_Tags/Test_Tags1k.dat"
+CONCEPT_LIST = "ConceptsList/Concepts81.txt"
+ALL_LABELS = "Groundtruth/AllLabels/Labels_{concept}.txt"
+TEST_LABELS = "Groundtruth/TrainTestLabels/Labels_{concept}_Test.txt"
+URL_LIST = "NUS-WIDE-urls.txt"
+
+UrlSize = Literal["large", "middle", "small", "original"]
+_URL_COLUMNS = ("path", "photo_id", "large", "middle", "small", "original")
+_ROW_CHUNK = 16_384
+_IMAGE_CHECK_STAGE = "images"
+
+
+class NusWideConfig(StrictModel):
+    """Where the NUS-WIDE files are and how to get its images."""
+
+    source: Literal["nus-wide"] = "nus-wide"
+    name: DatasetName = "nus-wide"
+    metadata: str = Field(description="folder or s3:// prefix holding the official metadata")
+    images: str | None = Field(
+        None,
+        description="folder or prefix holding <category>/<file>.jpg (NUS-WIDE's Flickr/ folder);"
+        " None downloads the images from the URL list into datasets/<name>/images/",
+    )
+    check_images: bool = Field(
+        True, description="with `images`: reject missing files and files of <= 4000 bytes"
+    )
+    urls_file: str | None = Field(None, description="defaults to <metadata>/NUS-WIDE-urls.txt")
+    url_sizes: list[UrlSize] = Field(
+        default_factory=lambda: ["middle", "large", "original", "small"], min_length=1
+    )
+    placeholder_sha256: list[str] = Field(
+        default_factory=lambda: sorted(FLICKR_PLACEHOLDER_SHA256),
+        description="sha256 digests of Flickr's 'photo unavailable' image (rejected)",
+    )
+    num_val: int = Field(5000, ge=0)
+    ground_truth: Literal["auto", "AllLabels", "TrainTestLabels"] = "auto"
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+
+
+@dataclass(frozen=True)
+class NusWideMetadata:
+    """The parsed metadata: image paths per split and boolean annotation matrices."""
+
+    tags: list[str]
+    concepts: list[str]
+    train_paths: list[str]
+    test_paths: list[str]
+    train_tags: np.ndarray
+    test_tags: np.ndarray
+    test_concepts: np.ndarray
+
+
+def relative_image_path(raw: str) -> str:
+    """Normalise a listed path to ``<category>/<file>``.
+
+    ``C:\\ImageData\\Flickr\\actor\\0001_2.jpg`` and ``actor\\0001_2.jpg`` both become
+    ``actor/0001_2.jpg``.
+    """
+    path = raw.strip().replace("\\", "/")
+    if "Flickr/" in path:
+        path = path.rsplit("Flickr/", 1)[1]
+    path = re.sub(r"^[A-Za-z]:", "", path)
+    return path.lstrip("/")
+
+
+def _image_id(path: str) -> str:
+    stem, dot, suffix = path.rpartition(".")
+    return stem if dot and "/" not in suffix else path
+
+
+def _read_lines(storage: Storage, url: str, what: str) -> list[str]:
+    """Non-empty lines of a list file; a blank line inside the list would misalign rows."""
+    lines = [line.strip() for line in read_text(storage, url, what=what).splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = [number for number, line in enumerate(lines, 1) if not line]
+    if blank:
+        raise DatasetError(f"{what} {url}: blank line(s) at {blank[:5]} inside the list")
+    if not lines:
+        raise DatasetError(f"{what} {url} is empty")
+    return lines
+
+
+def _unique_names(names: list[str], url: str, what: str) -> list[str]:
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise DatasetError(f"{what} {url}: duplicate names {duplicates[:5]}")
+    return names
+
+
+def _read_image_list(storage: Storage, url: str, what: str) -> list[str]:
+    paths = [relative_image_path(line) for line in _read_lines(storage, url, what)]
+    duplicated = pd.Index(paths).duplicated()
+    if duplicated.any():
+        examples = [paths[i] for i in np.flatnonzero(duplicated)[:5]]
+        raise DatasetError(
+            f"{what} {url}: {int(duplicated.sum())} duplicate images, e.g. {examples}"
+        )
+    return paths
+
+
+def parse_binary_matrix(data: bytes, *, columns: int, what: str) -> np.ndarray:
+    """Parse rows of 0/1 values separated by tabs or spaces into a bool (rows, columns) matrix.
+
+    NUS-WIDE's files are fixed-width (one character per value plus a separator, AllTags1k with
+    a trailing tab), which is parsed as a strided view of the raw bytes in row chunks: the full
+    269,648 x 1,000 matrix takes seconds and about its own size in extra memory. Anything not
+    fixed-width goes through pandas' whitespace parser.
+    """
+    if not data.strip():
+        raise DatasetError(f"{what} is empty")
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    matrix = _parse_fixed_width(data, columns)
+    return matrix if matrix is not None else _parse_delimited(data, columns, what)
+
+
+def _parse_fixed_width(data: bytes, columns: int) -> np.ndarray | None:
+    width = data.index(b"\n") + 1
+    if len(data) % width:
+        return None
+    raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
+    content = width - 1 - (width >= 2 and raw[0, width - 2] == ord("\r"))
+    if content not in (2 * columns - 1, 2 * columns) or (raw[:, width - 1] != ord("\n")).any():
+        return None
+    matrix = np.empty((raw.shape[0], columns), dtype=bool)
+    for start in range(0, raw.shape[0], _ROW_CHUNK):
+        rows = raw[start : start + _ROW_CHUNK]
+        values = rows[:, 0:content:2]
+        separators = rows[:, 1:content:2]
+        ones = values == ord("1")
+        if not ((ones | (values == ord("0"))).all() and np.isin(separators, (9, 32)).all()):
+            return None
+        if content < width - 1 and (rows[:, content] != ord("\r")).any():
+            return None
+        matrix[start : start + len(rows)] = ones
+    return matrix
+
+
+def _parse_delimited(data: bytes, columns: int, what: str) -> np.ndarray:
+    try:
+        frame = pd.read_csv(io.BytesIO(data), sep=r"\s+", header=None, dtype=np.float32, engine="c")
+    except (ValueError, pd.errors.ParserError) as error:
+        raise DatasetError(f"{what} is malformed: {error}") from error
+    if frame.shape[1] != columns:
+        raise DatasetError(f"{what}: rows have {frame.shape[1]} values, expected {columns}")
+    values = frame.to_numpy()
+    bad = ~np.isin(values, (0.0, 1.0))
+    if bad.any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        raise DatasetError(
+            f"{what}: {int(bad.sum())} values are not 0/1 (or missing), first at row {row + 1}, "
+            f"column {column + 1}"
+        )
+    return values == 1.0
+
+
+def _read_matrix(storage: Storage, url: str, *, rows: int, columns: int, what: str) -> np.ndarray:
+    if not storage.exists(url):
+        raise DatasetError(f"missing {what}: {url} does not exist")
+    matrix = parse_binary_matrix(storage.read_bytes(url), columns=columns, what=f"{what} {url}")
+    if matrix.shape[0] != rows:
+        raise DatasetError(
+            f"row-count mismatch: {what} {url} has {matrix.shape[0]} rows but its image list has"
+            f" {rows} images"
+        )
+    return matrix
+
+
+def _positions(paths: list[str], index: pd.Index, what: str) -> np.ndarray:
+    positions = index.get_indexer(paths)
+    missing = positions < 0
+    if missing.any():
+        examples = [paths[i] for i in np.flatnonzero(missing)[:5]]
+        raise DatasetError(
+            f"{int(missing.sum())} images of the {what} are not in {IMAGE_LIST}, e.g. {examples}"
+        )
+    return positions
+
+
+def _ground_truth_layout(
+    storage: Storage, metadata: str, concepts: list[str], choice: str
+) -> Literal["AllLabels", "TrainTestLabels"]:
+    candidates = {
+        "AllLabels": join_url(metadata, ALL_LABELS.format(concept=concepts[0])),
+        "TrainTestLabels": join_url(metadata, TEST_LABELS.format(concept=concepts[0])),
+    }
+    if choice != "auto":
+        return choice  # type: ignore[return-value]
+    for layout, url in candidates.items():
+        if storage.exists(url):
+            return layout  # type: ignore[return-value]
+    raise DatasetError(
+        f"missing concept ground truth: neither {candidates['AllLabels']} nor "
+        f"{candidates['TrainTestLabels']} exists"
+    )
+
+
+def read_nuswide_metadata(
+    storage: Storage,
+    metadata: str,
+    *,
+    ground_truth: Literal["auto", "AllLabels", "TrainTestLabels"] = "auto",
+) -> NusWideMetadata:
+    """Parse and cross-check the official files (row counts, duplicates, list membership)."""
+    url = partial(join_url, metadata)
+    tags = _unique_names(_read_lines(storage, url(TAG_LIST), "tag list"), url(TAG_LIST), "tag list")
+    concepts = _unique_names(
+        _read_lines(storage, url(CONCEPT_LIST), "concept list"), url(CONCEPT_LIST), "concept list"
+    )
+    train_paths = _read_image_list(storage, url(TRAIN_LIST), "train image list")
+    test_paths = _read_image_list(storage, url(TEST_LIST), "test image list")
+    overlap = set(train_paths) & set(test_paths)
+    if overlap:
+        raise DatasetError(
+            f"{len(overlap)} images are in both the train and the test list, e.g. "
+            f"{sorted(overlap)[:5]}"
+        )
+    layout = _ground_truth_layout(storage, metadata, concepts, ground_truth)
+    all_tags_present = storage.exists(url(ALL_TAGS))
+    index: pd.Index | None = None
+    if all_tags_present or layout == "AllLabels":
+        index = pd.Index(_read_image_list(storage, url(IMAGE_LIST), "image list"))
+        train_at = _positions(train_paths, index, "train list")
+        test_at = _positions(test_paths, index, "test list")
+    if all_tags_present:
+        all_tags = _read_matrix(
+            storage, url(ALL_TAGS), rows=len(index), columns=len(tags), what="tag matrix"
+        )
+        train_tags, test_tags = all_tags[train_at], all_tags[test_at]
+        del all_tags
+    else:
+        train_tags = _read_matrix(
+            storage, url(TRAIN_TAGS), rows=len(train_paths), columns=len(tags), what="tag matrix"
+        )
+        test_tags = _read_matrix(
+            storage, url(TEST_TAGS), rows=len(test_paths), columns=len(tags), what="tag matrix"
+        )
+    test_concepts = np.empty((len(test_paths), len(concepts)), dtype=bool)
+    for column, concept in enumerate(tqdm(concepts, desc="concept labels", unit="concept")):
+        if layout == "AllLabels":
+            labels = _read_matrix(
+                storage,
+                url(ALL_LABELS.format(concept=concept)),
+                rows=len(index),
+                columns=1,
+                what="concept labels",
+            )[test_at, 0]
+        else:
+            labels = _read_matrix(
+                storage,
+                url(TEST_LABELS.format(concept=concept)),
+                rows=len(test_paths),
+                columns=1,
+                what="concept labels",
+            )[:, 0]
+        test_concepts[:, column] = labels
+    return NusWideMetadata(
+        tags=tags,
+        concepts=concepts,
+        train_paths=train_paths,
+        test_paths=test_paths,
+        train_tags=train_tags,
+        test_tags=test_tags,
+        test_concepts=test_concepts,
+    )
+
+
+def seen_tag_mask(tags: Sequence[str], concepts: Sequence[str]) -> np.ndarray:
+    """True for the tags that stay seen labels: those that are not also a concept
+    (compared case-insensitively; 925 of the 1,000 in the real data)."""
+    concept_keys = {concept.lower() for concept in concepts}
+    return np.array([tag.lower() not in concept_keys for tag in tags], dtype=bool)
+
+
+def nuswide_vocabulary(tags: Sequence[str], concepts: Sequence[str]) -> pd.DataFrame:
+    """Seen labels = tags that are not concepts, unseen labels = the concepts."""
+    seen = [tag for tag, keep in zip(tags, seen_tag_mask(tags, concepts), strict=True) if keep]
+    labels = [*seen, *concepts]
+    return pd.DataFrame(
+        {
+            "label": labels,
+            "seen": [True] * len(seen) + [False] * len(concepts),
+            "tokens": [label_tokens(label) for label in labels],
+        }
+    )
+
+
+def _label_lists(matrix: np.ndarray, names: Sequence[str]) -> list[list[str]]:
+    """Row-wise lists of the names whose column is set (vectorised, no per-cell Python)."""
+    rows, cols = np.nonzero(matrix)
+    flat = np.asarray(names, dtype=object)[cols].tolist()
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(matrix)))]).tolist()
+    return [flat[start:end] for start, end in itertools.pairwise(offsets)]
+
+
+def build_nuswide_tables(
+    metadata: NusWideMetadata, *, num_val: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Label table and vocabulary for the paper's zero-shot split."""
+    if num_val >= len(metadata.train_paths):
+        raise DatasetError(
+            f"num_val={num_val} leaves no training images (the train list has "
+            f"{len(metadata.train_paths)})"
+        )
+    vocabulary = nuswide_vocabulary(metadata.tags, metadata.concepts)
+    seen_names = vocabulary.loc[vocabulary["seen"], "label"].tolist()
+    seen_columns = np.flatnonzero(seen_tag_mask(metadata.tags, metadata.concepts))
+    train_positives = _label_lists(metadata.train_tags[:, seen_columns], seen_names)
+    test_positives = _label_lists(
+        np.hstack([metadata.test_tags[:, seen_columns], metadata.test_concepts]),
+        [*seen_names, *metadata.concepts],
+    )
+    paths = [*metadata.train_paths, *metadata.test_paths]
+    splits = (
+        ["val"] * num_val
+        + ["train"] * (len(metadata.train_paths) - num_val)
+        + ["test"] * len(metadata.test_paths)
+    )
+    labels = pd.DataFrame(
+        {
+            "image_id": [_image_id(path) for path in paths],
+            "uri": paths,
+            "split": splits,
+            "positives": pd.Series([*train_positives, *test_positives], dtype=object),
+            "negatives": pd.Series([[] for _ in paths], dtype=object),
+            "complete": True,
+        }
+    )
+    duplicated = labels["image_id"].duplicated()
+    if duplicated.any():
+        raise DatasetError(
+            f"{int(duplicated.sum())} duplicate image ids, e.g. "
+            f"{labels.loc[duplicated, 'image_id'].head().tolist()}"
+        )
+    return labels, vocabulary
+
+
+def read_url_list(storage: Storage, url: str) -> pd.DataFrame:
+    """NUS-WIDE-urls.txt: a header line, then path, photo id and four URLs (``null`` = none)."""
+    text = read_text(storage, url, what="URL list")
+    try:
+        frame = pd.read_csv(
+            io.StringIO(text),
+            sep=r"\s+",
+            skiprows=1,
+            header=None,
+            names=list(_URL_COLUMNS),
+            dtype=str,
+            keep_default_na=False,
+        )
+    except (ValueError, pd.errors.ParserError) as error:
+        raise DatasetError(f"URL list {url} is malformed: {error}") from error
+    if frame.empty:
+        raise DatasetError(f"URL list {url} lists no images")
+    if (frame[list(_URL_COLUMNS)] == "").any(axis=None):
+        raise DatasetError(f"URL list {url}: some lines have fewer than {len(_URL_COLUMNS)} fields")
+    frame["path"] = frame["path"].map(relative_image_path)
+    return frame.drop_duplicates("path", keep="first").set_index("path")
+
+
+def _download_images(
+    labels: pd.DataFrame, config: NusWideConfig, storage: Storage, images_prefix: str
+) -> pd.DataFrame:
+    urls = read_url_list(storage, config.urls_file or join_url(config.metadata, URL_LIST))
+    candidates = urls.reindex(labels["uri"])[config.url_sizes]
+    items = [
+        DownloadItem(
+            key=image_id,
+            urls=tuple(u for u in row if isinstance(u, str) and u.startswith(("http", "s3://"))),
+            target=join_url(images_prefix, uri),
+        )
+        for image_id, uri, row in zip(
+            labels["image_id"], labels["uri"], candidates.itertuples(index=False), strict=True
+        )
+    ]
+    check = partial(check_download, placeholder_sha256=frozenset(config.placeholder_sha256))
+    result = download_many(items, storage, config.download, check=check, description="NUS-WIDE")
+    return result.rejects
+
+
+def _check_images(labels: pd.DataFrame, images_prefix: str, storage: Storage) -> pd.DataFrame:
+    """Reject images that are missing or too small to be a photo (the release's 4000-byte rule)."""
+
+    def reason(uri: str) -> str:
+        try:
+            size = storage.size(join_url(images_prefix, uri))
+        except FileNotFoundError:
+            return "missing"
+        return "too-small-file" if size < MIN_DOWNLOAD_BYTES else ""
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        reasons = list(
+            tqdm(pool.map(reason, labels["uri"]), total=len(labels), desc="check images")
+        )
+    rejected = pd.Series(reasons, index=labels.index) != ""
+    return pd.DataFrame(
+        {
+            "image_id": labels.loc[rejected, "image_id"].to_numpy(),
+            "uri": labels.loc[rejected, "uri"].to_numpy(),
+            "stage": _IMAGE_CHECK_STAGE,
+            "reason": [r for r in reasons if r],
+        }
+    )
+
+
+def prepare_nuswide(config: NusWideConfig, storage: Storage) -> DatasetArtifacts:
+    """Parse the metadata, get or check the images, and write the validated tables."""
+    prepared = load_prepared(storage, config.name, config)
+    if prepared is not None:
+        return prepared
+    metadata = read_nuswide_metadata(storage, config.metadata, ground_truth=config.ground_truth)
+    labels, vocabulary = build_nuswide_tables(metadata, num_val=config.num_val)
+    del metadata
+    if config.images is not None:
+        images_prefix = config.images
+        rejects = (
+            _check_images(labels, images_prefix, storage)
+            if config.check_images
+            else schemas.empty(schemas.Rejects)
+        )
+    else:
+        images_prefix = dataset_url(storage, config.name, IMAGES_DIR)
+        rejects = _download_images(labels, config, storage, images_prefix)
+    labels = labels[~labels["image_id"].isin(rejects["image_id"])].reset_index(drop=True)
+    if labels.empty:
+        raise DatasetError(f"dataset {config.name}: every image was rejected ({len(rejects)})")
+    return write_dataset(
+        storage,
+        config,
+        name=config.name,
+        labels=labels,
+        vocabulary=vocabulary,
+        images_prefix=images_prefix,
+        rejects=rejects,
+    )

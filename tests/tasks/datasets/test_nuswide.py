@@ -1,0 +1,248 @@
+"""NUS-WIDE: miniature official-format metadata parses to the hand-computed label table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import schemas
+from tasks.datasets.base import DatasetError
+from tasks.datasets.nuswide import (
+    NusWideConfig,
+    build_nuswide_tables,
+    parse_binary_matrix,
+    prepare_nuswide,
+    read_nuswide_metadata,
+    relative_image_path,
+)
+from tasks.storage import Storage, StorageConfig
+
+TAGS = ["dog", "Sky", "sunset", "car", "beach", "tree"]
+CONCEPTS = ["animal", "beach", "sky"]
+# (category\file, split, tag row, concept row)
+IMAGES = [
+    ("actor\\0001_11.jpg", "train", [1, 1, 0, 0, 0, 0], [1, 0, 1]),
+    ("beach\\0002_12.jpg", "test", [0, 0, 1, 0, 1, 1], [0, 1, 0]),
+    ("car\\0003_13.jpg", "train", [0, 0, 0, 1, 0, 0], [0, 0, 0]),
+    ("sky\\0004_14.jpg", "train", [0, 1, 1, 0, 0, 1], [0, 0, 1]),
+    ("dog\\0005_15.jpg", "test", [1, 0, 0, 0, 0, 0], [1, 0, 0]),
+    ("tree\\0006_16.jpg", "train", [0, 0, 0, 0, 0, 1], [0, 0, 0]),
+    ("none\\0007_17.jpg", "test", [0, 0, 0, 0, 0, 0], [0, 0, 0]),
+]
+
+
+def _lines(path: Path, lines: list[str], *, newline: str = "\n") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes("".join(line + newline for line in lines).encode())
+
+
+def write_nuswide(
+    root: Path, *, ground_truth: str = "AllLabels", all_tags: bool = True, crlf: bool = False
+) -> Path:
+    """The official layout, with Windows-style list paths and AllTags1k's trailing tab."""
+    newline = "\r\n" if crlf else "\n"
+    _lines(root / "ImageList/Imagelist.txt", [f"C:\\ImageData\\Flickr\\{p}" for p, *_ in IMAGES])
+    for split, name in (("train", "TrainImagelist"), ("test", "TestImagelist")):
+        _lines(root / f"ImageList/{name}.txt", [p for p, s, *_ in IMAGES if s == split])
+    _lines(root / "NUS_WID_Tags/TagList1k.txt", TAGS)
+    rows = {
+        split: ["".join(f"{v}\t" for v in t) for _, s, t, _ in IMAGES if s == split]
+        for split in ("train", "test")
+    }
+    if all_tags:
+        _lines(
+            root / "NUS_WID_Tags/AllTags1k.txt",
+            ["".join(f"{v}\t" for v in t) for _, _, t, _ in IMAGES],
+            newline=newline,
+        )
+    else:
+        _lines(root / "NUS_WID_Tags/Train_Tags1k.dat", rows["train"], newline=newline)
+        _lines(root / "NUS_WID_Tags/Test_Tags1k.dat", rows["test"], newline=newline)
+    _lines(root / "ConceptsList/Concepts81.txt", CONCEPTS)
+    for k, concept in enumerate(CONCEPTS):
+        if ground_truth == "AllLabels":
+            _lines(
+                root / f"Groundtruth/AllLabels/Labels_{concept}.txt",
+                [str(c[k]) for *_, c in IMAGES],
+                newline=newline,
+            )
+        else:
+            for split in ("train", "test"):
+                _lines(
+                    root / f"Groundtruth/TrainTestLabels/Labels_{concept}_{split.title()}.txt",
+                    [str(c[k]) for _, s, _, c in IMAGES if s == split],
+                )
+    return root
+
+
+def expected_table(num_val: int) -> pd.DataFrame:
+    """The label table computed by hand from IMAGES: train = seen tags, test = all labels."""
+    concept_keys = {c.lower() for c in CONCEPTS}
+    seen = [t for t in TAGS if t.lower() not in concept_keys]
+    rows = []
+    train_seen = 0
+    for order in ("train", "test"):
+        for path, split, tags, concepts in IMAGES:
+            if split != order:
+                continue
+            positives = [t for t, v in zip(TAGS, tags, strict=True) if v and t in seen]
+            if split == "test":
+                positives += [c for c, v in zip(CONCEPTS, concepts, strict=True) if v]
+            else:
+                split = "val" if train_seen < num_val else "train"
+                train_seen += 1
+            uri = path.replace("\\", "/")
+            rows.append((uri.removesuffix(".jpg"), uri, split, positives))
+    return pd.DataFrame(rows, columns=["image_id", "uri", "split", "positives"])
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Storage:
+    return Storage(StorageConfig(root=str(tmp_path / "store"), cache_dir=str(tmp_path / "c")))
+
+
+def test_relative_image_path_normalises_windows_paths() -> None:
+    assert relative_image_path("C:\\ImageData\\Flickr\\actor\\0001_1.jpg") == "actor/0001_1.jpg"
+    assert relative_image_path(" actor\\0001_1.jpg\r") == "actor/0001_1.jpg"
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("trailing", ["\t", ""])
+def test_parse_binary_matrix_fixed_width_equals_numpy_reference(
+    newline: str, trailing: str
+) -> None:
+    values = np.random.default_rng(0).integers(0, 2, (50, 7))
+    text = "".join("\t".join(map(str, row)) + trailing + newline for row in values)
+    parsed = parse_binary_matrix(text.encode(), columns=7, what="t")
+    np.testing.assert_array_equal(parsed, values.astype(bool))
+
+
+def test_parse_binary_matrix_irregular_whitespace_falls_back() -> None:
+    data = b"1  0 1\n0\t1   1 \n"
+    np.testing.assert_array_equal(
+        parse_binary_matrix(data, columns=3, what="t"), [[1, 0, 1], [0, 1, 1]]
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"1\t0\t2\t\n", "not 0/1"),
+        (b"1\t0\t\n", "2 values, expected 3"),
+        (b"1\tx\t1\t\n", "malformed.*could not convert"),
+        (b"   \n", "empty"),
+    ],
+)
+def test_parse_binary_matrix_rejects_malformed(data: bytes, match: str) -> None:
+    with pytest.raises(DatasetError, match=match):
+        parse_binary_matrix(data, columns=3, what="t")
+
+
+@pytest.mark.parametrize(
+    ("ground_truth", "all_tags", "crlf"),
+    [("AllLabels", True, False), ("TrainTestLabels", False, True), ("AllLabels", False, True)],
+)
+def test_metadata_parses_to_expected_table(
+    tmp_path: Path, storage: Storage, ground_truth: str, all_tags: bool, crlf: bool
+) -> None:
+    root = write_nuswide(tmp_path / "nus", ground_truth=ground_truth, all_tags=all_tags, crlf=crlf)
+    metadata = read_nuswide_metadata(storage, str(root))
+    labels, vocabulary = build_nuswide_tables(metadata, num_val=1)
+
+    assert vocabulary["label"].tolist() == ["dog", "sunset", "car", "tree", *CONCEPTS]
+    assert vocabulary["seen"].tolist() == [True] * 4 + [False] * 3
+    expected = expected_table(num_val=1)
+    pd.testing.assert_frame_equal(
+        labels[["image_id", "uri", "split", "positives"]].astype(object),
+        expected.astype(object),
+    )
+    assert labels["complete"].all() and all(n == [] for n in labels["negatives"])
+    schemas.validate(labels, schemas.LabelTable, stage="test", vocabulary=vocabulary)
+    # Train/val images never carry an unseen label; the matrix agrees with the hand table.
+    unseen = vocabulary.loc[~vocabulary["seen"], "label"].tolist()
+    train_part = labels[labels["split"] != "test"]
+    assert (schemas.label_matrix(train_part, unseen) != 1).all()
+
+
+def test_prepare_writes_tables_and_is_idempotent(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    images = tmp_path / "flickr"
+    for path, *_ in IMAGES[:-1]:
+        target = images / path.replace("\\", "/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"\xff" * 5000)
+    (images / "none").mkdir()
+    (images / "none/0007_17.jpg").write_bytes(b"\xff" * 4000)
+    config = NusWideConfig(metadata=str(root), images=str(images), num_val=1, name="nus-mini")
+
+    artifacts = prepare_nuswide(config, storage)
+    labels = storage.read_parquet(artifacts.label_table_url)
+    rejects = storage.read_parquet(artifacts.rejects_url)
+    assert rejects[["image_id", "reason"]].values.tolist() == [["none/0007_17", "too-small-file"]]
+    assert "none/0007_17" not in set(labels["image_id"])
+    assert len(labels) == len(IMAGES) - 1
+    assert artifacts.images_prefix == str(images)
+
+    marker = artifacts.label_table_url.replace("labels.parquet", "dataset.json")
+    before = Path(marker).stat().st_mtime_ns
+    assert prepare_nuswide(config, storage) == artifacts
+    assert Path(marker).stat().st_mtime_ns == before
+    changed = config.model_copy(update={"num_val": 2})
+    prepare_nuswide(changed, storage)
+    assert (storage.read_parquet(artifacts.label_table_url)["split"] == "val").sum() == 2
+
+
+def test_missing_file_is_named(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    (root / "NUS_WID_Tags/TagList1k.txt").unlink()
+    with pytest.raises(DatasetError, match=r"missing tag list: .*TagList1k.txt"):
+        read_nuswide_metadata(storage, str(root))
+
+
+def test_missing_ground_truth_is_named(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    for path in (root / "Groundtruth/AllLabels").iterdir():
+        path.unlink()
+    with pytest.raises(DatasetError, match="missing concept ground truth"):
+        read_nuswide_metadata(storage, str(root))
+
+
+def test_row_count_mismatch_is_named(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    tags = root / "NUS_WID_Tags/AllTags1k.txt"
+    tags.write_bytes(b"".join(tags.read_bytes().splitlines(keepends=True)[:-1]))
+    with pytest.raises(DatasetError, match=r"row-count mismatch: .*AllTags1k.txt has 6 rows.* 7"):
+        read_nuswide_metadata(storage, str(root))
+
+
+def test_tag_count_mismatch_is_named(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    with (root / "NUS_WID_Tags/TagList1k.txt").open("a") as handle:
+        handle.write("extra\n")
+    with pytest.raises(DatasetError, match="expected 7"):
+        read_nuswide_metadata(storage, str(root))
+
+
+def test_duplicate_image_is_named(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    train = root / "ImageList/TrainImagelist.txt"
+    train.write_text(train.read_text() + "actor\\0001_11.jpg\n")
+    with pytest.raises(DatasetError, match=r"duplicate images, e.g. \['actor/0001_11.jpg'\]"):
+        read_nuswide_metadata(storage, str(root))
+
+
+def test_image_in_both_splits_is_named(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    test = root / "ImageList/TestImagelist.txt"
+    test.write_text(test.read_text() + "actor\\0001_11.jpg\n")
+    with pytest.raises(DatasetError, match="both the train and the test list"):
+        read_nuswide_metadata(storage, str(root))
+
+
+def test_too_many_validation_images_is_an_error(tmp_path: Path, storage: Storage) -> None:
+    metadata = read_nuswide_metadata(storage, str(write_nuswide(tmp_path / "nus")))
+    with pytest.raises(DatasetError, match="num_val=4 leaves no training images"):
+        build_nuswide_tables(metadata, num_val=4)
