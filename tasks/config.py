@@ -1,0 +1,170 @@
+"""The run configuration: one YAML file composing every stage's own config section.
+
+Each section class lives with the module that uses it (one source of truth per default); this
+module only composes them and loads YAML, so that a bad file fails before any work starts, with
+an error that names the offending key (``train.lr: Input should be a valid number``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import yaml
+from pydantic import Field, ValidationError
+
+from lesa_model.config import LossConfig, ModelConfig, StrictModel, TrainerConfig
+from tasks.datasets import DatasetConfig
+from tasks.embeddings import EmbeddingConfig
+from tasks.evaluation import EvaluationConfig
+from tasks.features import FeaturesConfig
+from tasks.storage import StorageConfig
+
+__all__ = [
+    "ConfigError",
+    "PipelineConfig",
+    "apply_overrides",
+    "config_hash",
+    "load_config",
+    "parse_override",
+]
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the file and the key path."""
+
+
+class PipelineConfig(StrictModel):
+    """Everything one pipeline run needs, section by section."""
+
+    run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    storage: StorageConfig
+    dataset: DatasetConfig
+    features: FeaturesConfig
+    embeddings: EmbeddingConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainerConfig = Field(default_factory=TrainerConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+def config_hash(*parts: Any) -> str:
+    """A short, stable hash of JSON-able values (config sections, label lists).
+
+    Used to recognise finished work: the same inputs give the same hash across processes.
+    """
+    payload = json.dumps(
+        [part.model_dump(mode="json") if isinstance(part, StrictModel) else part for part in parts],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.path=value`` (value read as YAML, so numbers and lists get their types)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    return key.strip(), yaml.safe_load(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Merge overrides into raw config data.
+
+    Keys may be dotted paths (``{"train.max_steps": 10}``) or nested mappings
+    (``{"train": {"max_steps": 10}}``); nested mappings merge into existing sections
+    instead of replacing them.
+    """
+    merged = json.loads(json.dumps(data))
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = merged
+        for index, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parents[: index + 1])
+                raise ConfigError(f"override {key!r}: {where} is not a section")
+            node = child
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            node[leaf] = apply_overrides(node[leaf], value)
+        else:
+            node[leaf] = value
+    return merged
+
+
+def _key_path(loc: tuple[int | str, ...], data: Any) -> str:
+    """Turn a pydantic error location into the key path a user wrote.
+
+    Tagged unions add the tag to the location (``dataset.emoji-scenes.num_images``); those
+    entries are not keys of the YAML, so they are skipped by walking the raw data alongside.
+    """
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(node, Mapping):
+            if item in node:
+                parts.append(str(item))
+                node = node[item]
+            elif isinstance(item, str) and _is_union_tag(node, item):
+                continue
+            else:
+                parts.append(str(item))
+                node = None
+        elif isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
+            parts.append(str(item))
+            node = node[item]
+        else:
+            parts.append(str(item))
+            node = None
+    return ".".join(parts) or "(top level)"
+
+
+def _is_union_tag(node: Mapping[str, Any], item: str) -> bool:
+    """Whether ``item`` is the value of a discriminator field of ``node`` (e.g. ``source``)."""
+    return any(value == item for value in node.values() if isinstance(value, str))
+
+
+def _format_errors(error: ValidationError, data: Any, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for detail in error.errors():
+        lines.append(f"  {_key_path(tuple(detail['loc']), data)}: {detail['msg']}")
+    return "\n".join(lines)
+
+
+def _read_text(source: str | Path) -> str:
+    text_source = str(source)
+    try:
+        with fsspec.open(text_source, "rt", encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {text_source}") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"config path is a directory, not a YAML file: {text_source}") from exc
+
+
+def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """Read and validate a YAML run config from a path or URL (``s3://``, ``https://``).
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key is unknown, missing or
+            wrongly typed; the message lists every problem with its key path.
+    """
+    text = _read_text(source)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {source} is not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source} must be a YAML mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, data, str(source))) from exc
