@@ -1,0 +1,138 @@
+"""The user's own CSV / parquet tables parse to the documented annotations; bad input is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import schemas
+from tasks.datasets.base import DatasetError
+from tasks.datasets.table import TableConfig, prepare_table
+from tasks.storage import Storage, StorageConfig
+
+VOCABULARY_CSV = "label,seen,tokens\ncat,true,\nsofa,1,couch\nhot_dog,no,\nzebra,unseen,\n"
+LABELS_CSV = (
+    "uri,split,positives,negatives,complete\n"
+    "a/1.jpg,train,cat|sofa,,true\n"
+    "a/2.png,val,sofa, cat ,false\n"
+    "s3://bucket/3.jpg,TEST,hot_dog|cat,zebra,false\n"
+)
+EXPECTED = np.array(
+    [
+        # cat sofa hot_dog zebra
+        [1, 1, -1, -1],
+        [-1, 1, 0, 0],
+        [1, 0, 1, -1],
+    ],
+    dtype=np.int8,
+)
+LABELS = ["cat", "sofa", "hot_dog", "zebra"]
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Storage:
+    return Storage(StorageConfig(root=str(tmp_path / "store"), cache_dir=str(tmp_path / "c")))
+
+
+def _write(
+    tmp_path: Path, labels: str = LABELS_CSV, vocabulary: str = VOCABULARY_CSV
+) -> TableConfig:
+    (tmp_path / "labels.csv").write_text(labels)
+    (tmp_path / "vocabulary.csv").write_text(vocabulary)
+    return TableConfig(
+        name="mine",
+        labels=str(tmp_path / "labels.csv"),
+        vocabulary=str(tmp_path / "vocabulary.csv"),
+    )
+
+
+def test_csv_parses_to_expected_matrix(tmp_path: Path, storage: Storage) -> None:
+    artifacts = prepare_table(_write(tmp_path), storage)
+    labels = storage.read_parquet(artifacts.label_table_url)
+    vocabulary = storage.read_parquet(artifacts.vocabulary_url)
+    assert vocabulary["seen"].tolist() == [True, True, False, False]
+    assert vocabulary["tokens"].tolist() == ["cat", "couch", "hot dog", "zebra"]
+    assert labels["image_id"].tolist() == ["a/1", "a/2", "s3://bucket/3"]
+    assert labels["split"].tolist() == ["train", "val", "test"]
+    np.testing.assert_array_equal(schemas.label_matrix(labels, LABELS), EXPECTED)
+    assert artifacts.images_prefix == str(tmp_path)
+
+
+def test_parquet_with_list_columns_matches_csv(tmp_path: Path, storage: Storage) -> None:
+    frame = pd.DataFrame(
+        {
+            "image_id": ["one", "two", "three"],
+            "uri": ["a/1.jpg", "a/2.png", "s3://bucket/3.jpg"],
+            "split": ["train", "val", "test"],
+            "positives": [["cat", "sofa"], ["sofa"], ["hot_dog", "cat"]],
+            "negatives": [[], ["cat"], ["zebra"]],
+            "complete": [True, False, False],
+        }
+    )
+    frame.to_parquet(tmp_path / "labels.parquet")
+    pd.DataFrame({"label": LABELS, "seen": [True, True, False, False]}).to_parquet(
+        tmp_path / "vocab.parquet"
+    )
+    config = TableConfig(
+        labels=str(tmp_path / "labels.parquet"),
+        vocabulary=str(tmp_path / "vocab.parquet"),
+        images_prefix="s3://bucket/images",
+    )
+    artifacts = prepare_table(config, storage)
+    labels = storage.read_parquet(artifacts.label_table_url)
+    assert labels["image_id"].tolist() == ["one", "two", "three"]
+    np.testing.assert_array_equal(schemas.label_matrix(labels, LABELS), EXPECTED)
+    assert artifacts.images_prefix == "s3://bucket/images"
+
+
+def test_complete_defaults_from_config(tmp_path: Path, storage: Storage) -> None:
+    config = _write(tmp_path, labels="uri,split,positives\nx.jpg,train,cat\n").model_copy(
+        update={"complete": False}
+    )
+    labels = storage.read_parquet(prepare_table(config, storage).label_table_url)
+    np.testing.assert_array_equal(schemas.label_matrix(labels, LABELS), [[1, 0, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    ("labels", "vocabulary", "error", "match"),
+    [
+        ("uri,positives\nx.jpg,cat\n", VOCABULARY_CSV, DatasetError,
+         r"lacks column\(s\) \['split'\]"),
+        ("uri,split,positives\nx.jpg,train,cat\nx.png,test,cat\n", VOCABULARY_CSV, DatasetError,
+         r"duplicate image ids \['x'\]"),
+        ("uri,split,positives\nx.jpg,training,cat\n", VOCABULARY_CSV, schemas.SchemaError,
+         r"column 'split'.*training"),
+        ("uri,split,positives\nx.jpg,train,cat|dog\n", VOCABULARY_CSV, schemas.SchemaError,
+         r"label in vocabulary.*'dog'"),
+        ("uri,split,positives,negatives\nx.jpg,train,cat,cat\n", VOCABULARY_CSV,
+         schemas.SchemaError, "disjoint"),
+        ("uri,split,positives\nx.jpg,train,cat\n", "label,seen\ncat,maybe\n", DatasetError,
+         r"'seen' has values that are not true/false: \['maybe'\]"),
+        ("uri,split,positives\n,train,cat\n", VOCABULARY_CSV, DatasetError, "empty uri"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_named(
+    tmp_path: Path,
+    storage: Storage,
+    labels: str,
+    vocabulary: str,
+    error: type[Exception],
+    match: str,
+) -> None:
+    with pytest.raises(error, match=match):
+        prepare_table(_write(tmp_path, labels, vocabulary), storage)
+    assert not storage.exists(storage.url("datasets", "mine", "labels.parquet"))
+
+
+def test_missing_and_unreadable_files(tmp_path: Path, storage: Storage) -> None:
+    config = _write(tmp_path)
+    (tmp_path / "labels.csv").unlink()
+    with pytest.raises(DatasetError, match=r"missing label table: .*labels\.csv"):
+        prepare_table(config, storage)
+    (tmp_path / "labels.parquet").write_bytes(b"not parquet")
+    broken = config.model_copy(update={"labels": str(tmp_path / "labels.parquet")})
+    with pytest.raises(DatasetError, match="not a readable parquet file"):
+        prepare_table(broken, storage)
