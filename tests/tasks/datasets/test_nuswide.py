@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from tasks import schemas
+from tasks.datasets import prepare_dataset
 from tasks.datasets.base import DatasetError
 from tasks.datasets.nuswide import (
     NusWideConfig,
@@ -18,7 +24,12 @@ from tasks.datasets.nuswide import (
     read_nuswide_metadata,
     relative_image_path,
 )
+from tasks.download import DownloadConfig
+from tasks.images import sha256_hex
 from tasks.storage import Storage, StorageConfig
+
+if TYPE_CHECKING:
+    from tests.conftest import S3Server
 
 TAGS = ["dog", "Sky", "sunset", "car", "beach", "tree"]
 CONCEPTS = ["animal", "beach", "sky"]
@@ -246,3 +257,115 @@ def test_too_many_validation_images_is_an_error(tmp_path: Path, storage: Storage
     metadata = read_nuswide_metadata(storage, str(write_nuswide(tmp_path / "nus")))
     with pytest.raises(DatasetError, match="num_val=4 leaves no training images"):
         build_nuswide_tables(metadata, num_val=4)
+
+
+class _PhotoServer:
+    """A loopback HTTP server standing in for Flickr: /ok/* photos, /small, /placeholder, 404."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                """Keep test output quiet."""
+
+            def do_GET(self) -> None:
+                owner.hits[self.path] += 1
+                status, body = 404, b"gone"
+                if self.path.startswith("/ok/"):
+                    status, body = 200, PHOTO + self.path.encode()
+                elif self.path == "/small.jpg":
+                    status, body = 200, b"s" * 3000
+                elif self.path == "/placeholder.jpg":
+                    status, body = 200, PLACEHOLDER
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+
+PHOTO = bytes(range(256)) * 30
+PLACEHOLDER = b"photo-unavailable" * 500
+
+
+def _url_list(server: _PhotoServer) -> str:
+    """NUS-WIDE-urls.txt: header, then path, id, Large, Middle, Small, Original (null = none)."""
+    urls = {
+        "actor": (server.url("/ok/actor_l.jpg"), "null"),  # middle missing: falls to large
+        "beach": (server.url("/ok/beach_l.jpg"), server.url("/dead.jpg")),  # 404, then large
+        "car": ("null", "null"),  # no URL at all
+        "sky": ("null", server.url("/small.jpg")),
+        "dog": ("null", server.url("/placeholder.jpg")),
+    }
+    lines = [
+        "     Photo_file     Photo_id     url_Large     url_Middle     url_Small     url_Original"
+    ]
+    for path, *_ in IMAGES:
+        large, middle = urls.get(path.split("\\")[0], (server.url(f"/ok/{path[-6:]}"), "null"))
+        lines.append(
+            f"  C:\\ImageData\\Flickr\\{path}  {path[-6:-4]}  {large}  {middle}  null  null"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+def test_download_into_s3_round_trip(tmp_path: Path, s3_server: S3Server) -> None:
+    """Metadata on S3, images downloaded from HTTP into S3 storage, tables read back from S3."""
+    storage = Storage(
+        StorageConfig(
+            root=f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
+            endpoint_url=s3_server.endpoint_url,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
+    server = _PhotoServer()
+    local = write_nuswide(tmp_path / "nus")
+    (local / "NUS-WIDE-urls.txt").write_text(_url_list(server))
+    metadata = storage.url("raw", "nus-wide")
+    for path in local.rglob("*"):
+        if path.is_file():
+            storage.upload_file(path, f"{metadata}/{path.relative_to(local).as_posix()}")
+    config = NusWideConfig(
+        name="nus-s3",
+        metadata=metadata,
+        num_val=1,
+        placeholder_sha256=[sha256_hex(PLACEHOLDER)],
+        download=DownloadConfig(workers=4, retries=1, backoff_s=0.01, timeout_s=5),
+    )
+
+    artifacts = prepare_dataset(config, storage)
+
+    assert artifacts.label_table_url.startswith("s3://") and artifacts.images_prefix.startswith(
+        storage.url("datasets", "nus-s3", "images")
+    )
+    rejects = storage.read_parquet(artifacts.rejects_url)
+    assert dict(zip(rejects["image_id"], rejects["reason"], strict=True)) == {
+        "car/0003_13": "no-url",
+        "sky/0004_14": "too-small-file",
+        "dog/0005_15": "placeholder",
+    }
+    labels = storage.read_parquet(artifacts.label_table_url)
+    expected = expected_table(num_val=1)
+    expected = expected[~expected["image_id"].isin(rejects["image_id"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        labels[["image_id", "uri", "split", "positives"]].astype(object), expected.astype(object)
+    )
+    assert storage.read_bytes(f"{artifacts.images_prefix}/actor/0001_11.jpg") == (
+        PHOTO + b"/ok/actor_l.jpg"
+    )
+    assert server.hits["/dead.jpg"] == 1 and server.hits["/ok/beach_l.jpg"] == 1
+    vocabulary = storage.read_parquet(artifacts.vocabulary_url)
+    schemas.validate(labels, schemas.LabelTable, stage="test", vocabulary=vocabulary)
+
+    hits = sum(server.hits.values())
+    assert prepare_dataset(config, storage) == artifacts
+    assert sum(server.hits.values()) == hits
+    server.httpd.shutdown()
+    server.httpd.server_close()
