@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import uuid
 from collections import Counter
@@ -14,7 +15,7 @@ import pandas as pd
 import pytest
 
 from tasks import schemas
-from tasks.datasets import prepare_dataset
+from tasks.datasets import nuswide, prepare_dataset
 from tasks.datasets.base import DatasetError
 from tasks.datasets.nuswide import (
     NusWideConfig,
@@ -129,6 +130,20 @@ def test_parse_binary_matrix_fixed_width_equals_numpy_reference(
     text = "".join("\t".join(map(str, row)) + trailing + newline for row in values)
     parsed = parse_binary_matrix(text.encode(), columns=7, what="t")
     np.testing.assert_array_equal(parsed, values.astype(bool))
+
+
+@pytest.mark.parametrize("final_newline", [True, False])
+def test_streamed_blocks_equal_numpy_reference(
+    monkeypatch: pytest.MonkeyPatch, final_newline: bool
+) -> None:
+    monkeypatch.setattr(nuswide, "_ROW_CHUNK", 3)
+    values = np.random.default_rng(1).integers(0, 2, (10, 5))
+    data = "".join("".join(f"{v}\t" for v in row) + "\n" for row in values).encode()
+    data = data if final_newline else data[:-1]
+    parsed = nuswide._stream_fixed_width(io.BytesIO(data), len(data), 5)
+    np.testing.assert_array_equal(parsed, values.astype(bool))
+    irregular = data.replace(b"0\t1", b"0  1", 1)
+    assert nuswide._stream_fixed_width(io.BytesIO(irregular), len(irregular), 5) is None
 
 
 def test_parse_binary_matrix_irregular_whitespace_falls_back() -> None:
