@@ -12,6 +12,10 @@ NUS LMS::
       or Groundtruth/TrainTestLabels/Labels_<concept>_Test.txt (rows = TestImagelist.txt)
     NUS-WIDE-urls.txt             (only needed to download images)
 
+Each of the four folders may also be given as the zip NUS LMS distributes (``ImageList.zip``,
+``NUS_WID_Tags.zip``, ``ConceptsList.zip``, ``Groundtruth.zip``); it is unpacked safely into
+the storage cache.
+
 Seen labels are the 1,000 tags minus those that are also concepts (925); unseen labels are the
 81 concepts, annotated by humans. Train (and validation) images carry their seen tags and are
 ``complete`` (an absent seen tag is a negative); test images carry seen tags and concepts, also
@@ -21,14 +25,19 @@ uses 5,000).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import logging
 import re
-from collections.abc import Sequence
+import shutil
+import uuid
+import zipfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import BinaryIO, Literal
 
 import numpy as np
@@ -50,7 +59,7 @@ from tasks.datasets.base import (
     read_text,
     write_dataset,
 )
-from tasks.download import DownloadConfig, DownloadItem, download_many
+from tasks.download import DownloadConfig, DownloadItem, download_many, extract_archive
 from tasks.images import FLICKR_PLACEHOLDER_SHA256, MIN_DOWNLOAD_BYTES, check_download
 from tasks.storage import Storage
 
@@ -67,6 +76,7 @@ CONCEPT_LIST = "ConceptsList/Concepts81.txt"
 ALL_LABELS = "Groundtruth/AllLabels/Labels_{concept}.txt"
 TEST_LABELS = "Groundtruth/TrainTestLabels/Labels_{concept}_Test.txt"
 URL_LIST = "NUS-WIDE-urls.txt"
+ARCHIVED_FOLDERS = ("ImageList", "NUS_WID_Tags", "ConceptsList", "Groundtruth")
 
 UrlSize = Literal["large", "middle", "small", "original"]
 _URL_COLUMNS = ("path", "photo_id", "large", "middle", "small", "original")
@@ -266,12 +276,51 @@ def _positions(paths: list[str], index: pd.Index, what: str) -> np.ndarray:
     return positions
 
 
+def metadata_resolver(storage: Storage, metadata: str) -> Callable[[str], str]:
+    """Map an official relative path (``NUS_WID_Tags/AllTags1k.txt``) to a readable URL.
+
+    NUS LMS distributes each folder as a zip (``ImageList.zip``, ``NUS_WID_Tags.zip``,
+    ``ConceptsList.zip``, ``Groundtruth.zip``). A folder that is missing under ``metadata`` but
+    present as ``<folder>.zip`` is unpacked once into the storage cache (safely: zip-slip is
+    refused) and read from there; unpacked folders are used as they are.
+    """
+    roots: dict[str, str] = {}
+    for folder in ARCHIVED_FOLDERS:
+        archive = join_url(metadata, f"{folder}.zip")
+        if storage.exists(join_url(metadata, folder)) or not storage.exists(archive):
+            continue
+        local = storage.local_copy(archive)
+        digest = hashlib.sha256(f"{archive}\0{local.stat().st_size}".encode()).hexdigest()[:16]
+        target = Path(storage.cache_dir) / "archives" / f"{folder}-{digest}"
+        if not target.is_dir():
+            _unpack(local, folder, target)
+        roots[folder] = str(target)
+    return lambda relative: join_url(roots.get(relative.split("/")[0], metadata), relative)
+
+
+def _unpack(archive: Path, folder: str, target: Path) -> None:
+    """Extract next to ``target`` and rename into place, so a crash leaves no half folder."""
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            names = [name for name in bundle.namelist() if not name.endswith("/")]
+    except zipfile.BadZipFile as error:
+        raise DatasetError(f"{folder}.zip ({archive}) is not a valid zip archive") from error
+    nested = all(name.startswith(f"{folder}/") for name in names)
+    staging = target.with_name(f".tmp-{uuid.uuid4().hex}")
+    logger.info("unpacking %s.zip", folder)
+    try:
+        extract_archive(archive, staging if nested else staging / folder)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _ground_truth_layout(
-    storage: Storage, metadata: str, concepts: list[str], choice: str
+    storage: Storage, url: Callable[[str], str], concepts: list[str], choice: str
 ) -> Literal["AllLabels", "TrainTestLabels"]:
     candidates = {
-        "AllLabels": join_url(metadata, ALL_LABELS.format(concept=concepts[0])),
-        "TrainTestLabels": join_url(metadata, TEST_LABELS.format(concept=concepts[0])),
+        "AllLabels": url(ALL_LABELS.format(concept=concepts[0])),
+        "TrainTestLabels": url(TEST_LABELS.format(concept=concepts[0])),
     }
     if choice != "auto":
         return choice  # type: ignore[return-value]
@@ -291,7 +340,7 @@ def read_nuswide_metadata(
     ground_truth: Literal["auto", "AllLabels", "TrainTestLabels"] = "auto",
 ) -> NusWideMetadata:
     """Parse and cross-check the official files (row counts, duplicates, list membership)."""
-    url = partial(join_url, metadata)
+    url = metadata_resolver(storage, metadata)
     tags = _unique_names(_read_lines(storage, url(TAG_LIST), "tag list"), url(TAG_LIST), "tag list")
     concepts = _unique_names(
         _read_lines(storage, url(CONCEPT_LIST), "concept list"), url(CONCEPT_LIST), "concept list"
@@ -304,7 +353,7 @@ def read_nuswide_metadata(
             f"{len(overlap)} images are in both the train and the test list, e.g. "
             f"{sorted(overlap)[:5]}"
         )
-    layout = _ground_truth_layout(storage, metadata, concepts, ground_truth)
+    layout = _ground_truth_layout(storage, url, concepts, ground_truth)
     all_tags_present = storage.exists(url(ALL_TAGS))
     index: pd.Index | None = None
     if all_tags_present or layout == "AllLabels":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 import uuid
+import zipfile
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +27,7 @@ from tasks.datasets.nuswide import (
     read_nuswide_metadata,
     relative_image_path,
 )
-from tasks.download import DownloadConfig
+from tasks.download import DownloadConfig, UnsafeArchiveError
 from tasks.images import sha256_hex
 from tasks.storage import Storage, StorageConfig
 
@@ -219,6 +221,36 @@ def test_prepare_writes_tables_and_is_idempotent(tmp_path: Path, storage: Storag
     changed = config.model_copy(update={"num_val": 2})
     prepare_nuswide(changed, storage)
     assert (storage.read_parquet(artifacts.label_table_url)["split"] == "val").sum() == 2
+
+
+def test_zipped_metadata_folders_parse_like_unpacked(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    expected = build_nuswide_tables(read_nuswide_metadata(storage, str(root)), num_val=1)[0]
+    for folder, nested in (("ImageList", True), ("NUS_WID_Tags", False), ("Groundtruth", True)):
+        with zipfile.ZipFile(root / f"{folder}.zip", "w") as bundle:
+            for path in sorted((root / folder).rglob("*.txt")):
+                inner = path.relative_to(root if nested else root / folder).as_posix()
+                bundle.write(path, inner)
+        shutil.rmtree(root / folder)
+    labels = build_nuswide_tables(read_nuswide_metadata(storage, str(root)), num_val=1)[0]
+    pd.testing.assert_frame_equal(labels, expected)
+    # Unpacked once: the cached copy is reused.
+    assert len(list((storage.cache_dir / "archives").iterdir())) == 3
+    read_nuswide_metadata(storage, str(root))
+    assert len(list((storage.cache_dir / "archives").iterdir())) == 3
+
+
+def test_zip_slip_in_metadata_archive_refused(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    shutil.rmtree(root / "ConceptsList")
+    with zipfile.ZipFile(root / "ConceptsList.zip", "w") as bundle:
+        bundle.writestr("../../escaped.txt", "x")
+    with pytest.raises(UnsafeArchiveError, match="escapes the target folder"):
+        read_nuswide_metadata(storage, str(root))
+    assert not list(tmp_path.rglob("escaped.txt"))
+    (root / "ConceptsList.zip").write_bytes(b"not a zip")
+    with pytest.raises(DatasetError, match=r"ConceptsList.zip .* not a valid zip"):
+        read_nuswide_metadata(storage, str(root))
 
 
 def test_missing_file_is_named(tmp_path: Path, storage: Storage) -> None:
