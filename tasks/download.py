@@ -14,8 +14,9 @@ import tarfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -127,6 +128,25 @@ class _Fetcher:
         return None, "truncated"
 
 
+def _bounded_map(
+    pool: ThreadPoolExecutor,
+    function: Callable[[DownloadItem], _Outcome],
+    items: Sequence[DownloadItem],
+    *,
+    window: int,
+) -> Iterator[_Outcome]:
+    """Results in completion order, with at most ``window`` items queued at a time (submitting
+    269,648 futures up front would hold them all in memory)."""
+    pending: set[Future[_Outcome]] = set()
+    for item in items:
+        if len(pending) >= window:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            yield from (future.result() for future in done)
+        pending.add(pool.submit(function, item))
+    for future in as_completed(pending):
+        yield future.result()
+
+
 def _fetch_one(url: str, fetcher: _Fetcher, storage: Storage) -> tuple[bytes | None, str]:
     """HTTP(S) through the retrying session; any other URL (path, ``s3://``) through storage."""
     if url.startswith(("http://", "https://")):
@@ -152,10 +172,9 @@ def download_many(
     all sizes of a removed photo are the same placeholder.
     """
     config = config or DownloadConfig()
-    keys = [item.key for item in items]
-    if len(set(keys)) != len(keys):
-        duplicated = sorted({key for key in keys if keys.count(key) > 1})[:5]
-        raise ValueError(f"download_many: duplicate item keys, e.g. {duplicated}")
+    duplicated = sorted(key for key, n in Counter(item.key for item in items).items() if n > 1)
+    if duplicated:
+        raise ValueError(f"download_many: duplicate item keys, e.g. {duplicated[:5]}")
     fetcher = _Fetcher(config)
 
     def fetch(item: DownloadItem) -> _Outcome:
@@ -183,9 +202,7 @@ def download_many(
         ThreadPoolExecutor(max_workers=config.workers) as pool,
         tqdm(total=len(items), desc=description, unit="file") as progress,
     ):
-        futures = [pool.submit(fetch, item) for item in items]
-        for future in as_completed(futures):
-            outcome = future.result()
+        for outcome in _bounded_map(pool, fetch, items, window=4 * config.workers):
             if outcome.status == "downloaded":
                 result.downloaded.append(outcome.key)
             elif outcome.status == "skipped":

@@ -33,6 +33,7 @@ import re
 import shutil
 import uuid
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def _read_lines(storage: Storage, url: str, what: str) -> list[str]:
 
 
 def _unique_names(names: list[str], url: str, what: str) -> list[str]:
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise DatasetError(f"{what} {url}: duplicate names {duplicates[:5]}")
     return names

@@ -131,13 +131,16 @@ def read_image_labels(storage: Storage, url: str, known: pd.Series) -> pd.DataFr
         raise DatasetError(f"missing image labels: {url} does not exist")
     try:
         with storage.open(url, "rb") as handle:
-            frame = pd.read_csv(handle, dtype=str, keep_default_na=False)
+            frame = pd.read_csv(
+                handle, dtype=str, keep_default_na=False, usecols=lambda c: c in _LABEL_COLUMNS
+            )
     except (ValueError, pd.errors.ParserError) as error:
         raise DatasetError(f"image labels {url} are malformed: {error}") from error
     missing = [column for column in _LABEL_COLUMNS if column not in frame.columns]
     if missing:
         raise DatasetError(
-            f"image labels {url} lack column(s) {missing}; they have {list(frame.columns)}"
+            f"image labels {url} lack column(s) {missing}; expected the header "
+            "ImageID,Source,LabelName,Confidence"
         )
     frame = frame[list(_LABEL_COLUMNS)]
     confidence = pd.to_numeric(frame["Confidence"], errors="coerce")

@@ -135,6 +135,16 @@ def test_download_resumes_without_refetching(server: _Server, storage: Storage) 
     assert sum(server.hits.values()) == hits_before + 1
 
 
+def test_many_items_through_a_small_window(server: _Server, storage: Storage) -> None:
+    items = [
+        DownloadItem(f"k{i}", (server.url(f"/ok/{i}.jpg"),), storage.url(f"many/{i}.jpg"))
+        for i in range(25)
+    ]
+    result = download_many(items, storage, FAST.model_copy(update={"workers": 2}))
+    assert sorted(result.downloaded) == sorted(item.key for item in items)
+    assert storage.read_bytes(storage.url("many/24.jpg")) == PHOTO + b"/ok/24.jpg"
+
+
 def test_unreachable_host_is_a_connection_error(storage: Storage) -> None:
     items = [DownloadItem("dead", ("http://127.0.0.1:9/x.jpg",), storage.url("dead.jpg"))]
     result = download_many(items, storage, DownloadConfig(retries=1, backoff_s=0.01))
