@@ -1,0 +1,569 @@
+"""Zero-shot tagging of new images with a trained checkpoint and any list of labels.
+
+A checkpoint's metadata names the features it was trained on (backbone, weights, input size,
+preprocessing, dtype) and the word vectors of its labels, so new images go through the very same
+backbone and new labels through the very same embedding: a label nobody trained on is scored by
+the same forward pass as a seen one, without retraining. Images stream through in batches
+(features are never held for the whole set); unreadable ones are skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from lesa_model.attention import attention_grid_figure, centre_crop_box, heatmap_overlay
+from lesa_model.checkpoint import load_model
+from lesa_model.inference import attention_for
+from lesa_model.model import LESA
+from tasks import backbones
+from tasks.backbones import Backbone
+from tasks.embeddings import EmbeddingConfig, OOVError, embed_words
+from tasks.features import FeaturesConfig, feature_key
+from tasks.images import ImageRejected, decode_image
+from tasks.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset(Image.registered_extensions())
+"""File endings Pillow can open; a folder or prefix is searched for these only."""
+PREDICTIONS_CSV = "predictions.csv"
+PREDICTIONS_JSON = "predictions.json"
+ATTENTION_DIR = "attention"
+DEFAULT_TOP_K = 5
+DEFAULT_BATCH_SIZE = 16
+
+
+class PredictionError(ValueError):
+    """Prediction cannot run as asked: no images, no labels, unembeddable labels, bad checkpoint."""
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A trained model plus what it takes to feed it: its feature and embedding settings."""
+
+    model: LESA
+    metadata: dict[str, Any]
+    features: FeaturesConfig
+    embeddings: EmbeddingConfig
+    checkpoint_url: str
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Region grid (h, w) of the backbone at the checkpoint's input size."""
+        return self.features.grid
+
+    @property
+    def seen_labels(self) -> list[str]:
+        """Labels the model was trained on (empty if the checkpoint does not say)."""
+        return [str(label) for label in self.metadata.get("seen_labels", [])]
+
+    @property
+    def known_labels(self) -> list[str]:
+        """Seen then unseen labels recorded at training time: the default label list."""
+        unseen = [str(label) for label in self.metadata.get("unseen_labels", [])]
+        return list(dict.fromkeys(self.seen_labels + unseen))
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An input that could not be tagged, and why (``reason`` is a short code)."""
+
+    uri: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Predictions:
+    """Scores of every kept image for every label, its top-K, and optionally their attention."""
+
+    uris: list[str]
+    image_sizes: list[tuple[int, int]]
+    labels: list[str]
+    seen: np.ndarray
+    """(C,) bool: label was trained on."""
+    scores: np.ndarray
+    """(N, C) float32."""
+    top: np.ndarray
+    """(N, K) column indices, best first."""
+    attention: np.ndarray | None
+    """(N, K, R) float32: the selected module's weights for each top label, or None."""
+    grid: tuple[int, int]
+    crop_fraction: float
+    skipped: list[SkippedImage] = field(default_factory=list)
+
+    def table(self) -> pd.DataFrame:
+        """Long format: one row per (image, rank) with label, score and whether it was seen."""
+        rows = [
+            {
+                "image": uri,
+                "rank": rank + 1,
+                "label": self.labels[column],
+                "score": float(self.scores[index, column]),
+                "seen": bool(self.seen[column]),
+            }
+            for index, uri in enumerate(self.uris)
+            for rank, column in enumerate(self.top[index])
+        ]
+        return pd.DataFrame(rows, columns=["image", "rank", "label", "score", "seen"])
+
+    def document(self) -> dict[str, Any]:
+        """JSON form: every image's top labels, the label list and the skipped inputs."""
+        return {
+            "labels": [
+                {"label": label, "seen": bool(seen)}
+                for label, seen in zip(self.labels, self.seen, strict=True)
+            ],
+            "top_k": int(self.top.shape[1]),
+            "images": [
+                {
+                    "image": uri,
+                    "width": size[0],
+                    "height": size[1],
+                    "top": [
+                        {
+                            "label": self.labels[column],
+                            "score": float(self.scores[index, column]),
+                            "seen": bool(self.seen[column]),
+                        }
+                        for column in self.top[index]
+                    ],
+                }
+                for index, (uri, size) in enumerate(zip(self.uris, self.image_sizes, strict=True))
+            ],
+            "skipped": [vars(item) for item in self.skipped],
+        }
+
+
+@dataclass(frozen=True)
+class PredictionArtifacts:
+    """Where the outputs went."""
+
+    csv_url: str
+    json_url: str
+    attention_urls: list[str]
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def load_predictor(checkpoint: str, storage: Storage) -> Predictor:
+    """Load a checkpoint (path or URL) and the feature/embedding settings its metadata names."""
+    if not storage.exists(checkpoint):
+        raise PredictionError(f"checkpoint not found: {checkpoint}")
+    try:
+        model, metadata = load_model(storage.local_copy(checkpoint))
+    except ValueError as error:
+        raise PredictionError(str(error)) from error
+    features = checkpoint_features(metadata, checkpoint)
+    source = metadata.get("embedding_source")
+    if not source:
+        raise PredictionError(
+            f"checkpoint {checkpoint} does not name its embedding source (metadata "
+            "'embedding_source'); it was not written by the training stage"
+        )
+    embeddings = EmbeddingConfig(source=str(source), oov="fail", cache=False)
+    h, w = features.grid
+    if model.grid is not None and tuple(model.grid) != (h, w):
+        raise PredictionError(
+            f"checkpoint {checkpoint}: model grid {model.grid} differs from the backbone's "
+            f"grid {(h, w)}"
+        )
+    return Predictor(model, metadata, features, embeddings, checkpoint)
+
+
+def checkpoint_features(metadata: dict[str, Any], checkpoint: str = "checkpoint") -> FeaturesConfig:
+    """The :class:`FeaturesConfig` the checkpoint's model was trained on.
+
+    Uses the full ``features`` section when the metadata carries one; otherwise rebuilds it from
+    ``backbone``, ``image_size`` and ``preprocessing`` with the default weights and dtype, and
+    accepts it only if it reproduces the recorded ``feature_key`` (features computed any other
+    way would silently feed the model numbers it never saw).
+    """
+    if isinstance(metadata.get("features"), dict):
+        try:
+            return FeaturesConfig.model_validate(metadata["features"])
+        except ValidationError as error:
+            raise PredictionError(f"{checkpoint}: invalid features metadata: {error}") from error
+    missing = [key for key in ("backbone", "image_size", "feature_key") if key not in metadata]
+    if missing:
+        raise PredictionError(
+            f"{checkpoint}: metadata lacks {missing}; cannot tell which backbone made its features"
+        )
+    preprocessing = str(metadata.get("preprocessing") or "")
+    kind = preprocessing.split("-resize", 1)[0] or None
+    try:
+        config = FeaturesConfig(
+            backbone=metadata["backbone"],
+            image_size=int(metadata["image_size"]),
+            preprocessing=kind,
+        )
+    except (ValidationError, ValueError) as error:
+        raise PredictionError(f"{checkpoint}: unusable feature metadata: {error}") from error
+    if feature_key(config) != metadata["feature_key"]:
+        raise PredictionError(
+            f"{checkpoint}: its features ({metadata['feature_key']}) were not made with "
+            f"{config.backbone}'s default weights and dtype ({feature_key(config)}), and the "
+            "metadata has no 'features' section saying how they were made"
+        )
+    return config
+
+
+def parse_labels(spec: str, storage: Storage) -> list[str]:
+    """Labels from a file (one per line, ``#`` comments) or a comma-separated list.
+
+    Order is kept and duplicates dropped; an empty result is an error.
+    """
+    text = spec.strip()
+    is_file = bool(text) and "," not in text and "\n" not in text and storage.exists(text)
+    if is_file:
+        content = storage.read_bytes(text).decode("utf-8")
+        items = [line.split("#", 1)[0] for line in content.splitlines()]
+        where = f"label file {text}"
+    else:
+        items = text.split(",")
+        where = "--labels"
+    labels = list(dict.fromkeys(item.strip() for item in items if item.strip()))
+    if not labels:
+        raise PredictionError(f"{where} holds no labels: give at least one label to score")
+    return labels
+
+
+def find_images(inputs: Sequence[str], storage: Storage) -> tuple[list[str], list[SkippedImage]]:
+    """Expand files, folders and ``s3://`` prefixes into image URLs (sorted within a folder).
+
+    A named file is always tried (its content decides); inside a folder only files with an
+    image ending are taken. A name that matches nothing is skipped with reason ``missing``.
+    """
+    if not inputs:
+        raise PredictionError("no images given")
+    found: list[str] = []
+    skipped: list[SkippedImage] = []
+    for item in inputs:
+        listed = storage.ls(item, recursive=True)
+        if _same_object(listed, item):
+            found.append(item)
+        elif listed:
+            images = [url for url in listed if PurePosixPath(url).suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                skipped.append(SkippedImage(item, "no-images", "folder holds no image files"))
+            found.extend(images)
+        elif storage.exists(item):
+            skipped.append(SkippedImage(item, "no-images", "empty folder"))
+        else:
+            skipped.append(SkippedImage(item, "missing", "no such file, folder or prefix"))
+    return list(dict.fromkeys(found)), skipped
+
+
+def label_vectors(labels: Sequence[str], predictor: Predictor, storage: Storage) -> np.ndarray:
+    """(C, d) word vectors of ``labels`` from the checkpoint's embedding source.
+
+    Every label must be embeddable: a misspelt label would otherwise vanish from the output.
+    """
+    if not labels:
+        raise PredictionError("the label list is empty: give at least one label to score")
+    try:
+        result = embed_words(labels, predictor.embeddings, storage)
+    except OOVError as error:
+        unknown = error.oov["label"].astype(str).tolist()
+        raise PredictionError(
+            f"cannot embed {len(unknown)} label(s) with {predictor.embeddings.source!r}: "
+            f"{unknown[:20]} (no word of theirs is in the vocabulary; check the spelling)"
+        ) from error
+    vectors = result.vectors(list(labels))
+    if vectors.shape[1] != predictor.model.label_dim:
+        raise PredictionError(
+            f"word vectors have {vectors.shape[1]} dimensions but the model expects "
+            f"{predictor.model.label_dim}"
+        )
+    return vectors
+
+
+# -- work --------------------------------------------------------------------------------------
+
+
+def load_backbone_for(predictor: Predictor, storage: Storage) -> Backbone:
+    """The checkpoint's backbone, in eval mode on the CPU."""
+    config = predictor.features
+    return backbones.load_backbone(
+        config.backbone,
+        weights=config.weights,
+        image_size=config.image_size,
+        preprocessing=config.preprocessing,
+        open_weights=storage.local_copy,
+    )
+
+
+def region_features(
+    backbone: Backbone, images: Sequence[Image.Image], dtype: str = "float32"
+) -> np.ndarray:
+    """(B, R, D) float32 region features, row-major over the grid, rounded through ``dtype``.
+
+    Rounding through the stored feature dtype (float16 by default) gives the model exactly the
+    kind of numbers it was trained on.
+    """
+    batch = torch.stack([backbone.transform(image) for image in images])
+    with torch.inference_mode():
+        maps = backbone.module(batch)
+    values = maps.flatten(2).transpose(1, 2).float().numpy()
+    return values.astype(dtype).astype(np.float32)
+
+
+def predict_images(
+    predictor: Predictor,
+    uris: Sequence[str],
+    labels: Sequence[str],
+    storage: Storage,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    attention: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    backbone: Backbone | None = None,
+    skipped: Sequence[SkippedImage] = (),
+) -> Predictions:
+    """Score every readable image of ``uris`` for every label; keep each image's top ``k``.
+
+    With ``attention`` the selected module's region weights of each top label are kept too.
+    ``skipped`` lists inputs already dropped (e.g. by :func:`find_images`); the ones skipped here
+    are added to it.
+    """
+    if not labels:
+        raise PredictionError("the label list is empty: give at least one label to score")
+    if not 1 <= top_k <= len(labels):
+        raise PredictionError(f"--top-k must be between 1 and the number of labels ({len(labels)})")
+    if batch_size < 1:
+        raise PredictionError(f"batch_size must be positive, got {batch_size}")
+    vectors = torch.from_numpy(label_vectors(labels, predictor, storage))
+    backbone = backbone or load_backbone_for(predictor, storage)
+    kept: list[str] = []
+    sizes: list[tuple[int, int]] = []
+    scores: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    dropped: list[SkippedImage] = []
+    progress = tqdm(total=len(uris), desc="tagging", unit="image")
+    for batch_uris, images, batch_skipped in _decoded_batches(uris, storage, batch_size):
+        dropped.extend(batch_skipped)
+        progress.update(len(batch_uris) + len(batch_skipped))
+        if not images:
+            continue
+        features = region_features(backbone, images, predictor.features.dtype)
+        with torch.inference_mode():
+            batch_scores = predictor.model(torch.from_numpy(features), vectors).scores.numpy()
+        kept.extend(batch_uris)
+        sizes.extend(image.size for image in images)
+        scores.append(batch_scores.astype(np.float32))
+        if attention:
+            best = _top_columns(batch_scores, top_k)
+            _, weights = attention_for(predictor.model, features, vectors)
+            maps.append(np.take_along_axis(weights, best[:, :, None], axis=1))
+    progress.close()
+    for item in dropped:
+        logger.warning("skipped %s: %s (%s)", item.uri, item.reason, item.detail)
+    dropped = [*skipped, *dropped]
+    if not kept:
+        reasons = "; ".join(f"{item.uri}: {item.reason}" for item in dropped[:10])
+        raise PredictionError(f"no image could be read ({reasons or 'no images given'})")
+    all_scores = np.concatenate(scores)
+    seen = set(predictor.seen_labels)
+    h, w = predictor.grid
+    return Predictions(
+        uris=kept,
+        image_sizes=sizes,
+        labels=list(labels),
+        seen=np.array([label in seen for label in labels], dtype=bool),
+        scores=all_scores,
+        top=_top_columns(all_scores, top_k),
+        attention=np.concatenate(maps) if attention else None,
+        grid=(h, w),
+        crop_fraction=predictor.features.image_size
+        / backbones.resize_side(predictor.features.image_size),
+        skipped=dropped,
+    )
+
+
+def write_predictions(
+    predictions: Predictions, storage: Storage, out: str, *, attention_maps: bool = False
+) -> PredictionArtifacts:
+    """Write predictions.csv and predictions.json under ``out``; with ``attention_maps`` also a
+    heatmap PNG per (image, top label) and a Figure-1-style grid per image under attention/."""
+    base = out.rstrip("/")
+    csv_url = f"{base}/{PREDICTIONS_CSV}"
+    json_url = f"{base}/{PREDICTIONS_JSON}"
+    storage.write_bytes(csv_url, predictions.table().to_csv(index=False).encode("utf-8"))
+    storage.write_json(json_url, predictions.document())
+    written: list[str] = []
+    if attention_maps:
+        if predictions.attention is None:
+            raise PredictionError("attention maps were asked for but not computed")
+        written = _write_attention_maps(
+            predictions, predictions.attention, storage, f"{base}/{ATTENTION_DIR}"
+        )
+    return PredictionArtifacts(csv_url=csv_url, json_url=json_url, attention_urls=written)
+
+
+def print_predictions(predictions: Predictions, console: Console | None = None) -> None:
+    """A rich table: one row per image, its top labels best first (unseen ones marked *)."""
+    table = Table(title=f"Top {predictions.top.shape[1]} labels per image (* = not trained on)")
+    table.add_column("image", overflow="fold")
+    for rank in range(predictions.top.shape[1]):
+        table.add_column(f"#{rank + 1}")
+    for index, uri in enumerate(predictions.uris):
+        cells = [
+            f"{predictions.labels[c]}{'' if predictions.seen[c] else '*'} "
+            f"{predictions.scores[index, c]:.2f}"
+            for c in predictions.top[index]
+        ]
+        table.add_row(uri, *cells)
+    console = console or Console()
+    console.print(table)
+    for item in predictions.skipped:
+        console.print(f"[yellow]skipped[/yellow] {item.uri}: {item.reason} ({item.detail})")
+
+
+@task(name="load-predictor", cache_policy=NO_CACHE)
+def load_predictor_task(checkpoint: str, storage: Storage) -> Predictor:
+    """Prefect wrapper of :func:`load_predictor`."""
+    return load_predictor(checkpoint, storage)
+
+
+@task(name="predict-images", cache_policy=NO_CACHE)
+def predict_images_task(
+    predictor: Predictor,
+    uris: Sequence[str],
+    labels: Sequence[str],
+    storage: Storage,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    attention: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    skipped: Sequence[SkippedImage] = (),
+) -> Predictions:
+    """Prefect wrapper of :func:`predict_images`."""
+    return predict_images(
+        predictor,
+        uris,
+        labels,
+        storage,
+        top_k=top_k,
+        attention=attention,
+        batch_size=batch_size,
+        skipped=skipped,
+    )
+
+
+@task(name="write-predictions", cache_policy=NO_CACHE)
+def write_predictions_task(
+    predictions: Predictions, storage: Storage, out: str, *, attention_maps: bool = False
+) -> PredictionArtifacts:
+    """Prefect wrapper of :func:`write_predictions`."""
+    return write_predictions(predictions, storage, out, attention_maps=attention_maps)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _same_object(listed: list[str], item: str) -> bool:
+    """Whether a recursive listing of ``item`` is just ``item`` itself (it is a file).
+
+    Storage lists plain paths as absolute paths and URLs as URLs of the same protocol.
+    """
+    target = item if "://" in item else os.path.abspath(item)
+    return len(listed) == 1 and listed[0].rstrip("/") == target.rstrip("/")
+
+
+def _read_image(uri: str, storage: Storage) -> Image.Image | SkippedImage:
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return SkippedImage(uri, "missing", "no such file")
+    except (OSError, ValueError) as error:
+        return SkippedImage(uri, "unreadable", f"{type(error).__name__}: {error}")
+    try:
+        return decode_image(data)
+    except ImageRejected as error:
+        return SkippedImage(uri, error.reason, error.detail)
+
+
+def _decoded_batches(
+    uris: Sequence[str], storage: Storage, batch_size: int
+) -> Iterator[tuple[list[str], list[Image.Image], list[SkippedImage]]]:
+    for start in range(0, len(uris), batch_size):
+        kept: list[str] = []
+        images: list[Image.Image] = []
+        skipped: list[SkippedImage] = []
+        for uri in uris[start : start + batch_size]:
+            result = _read_image(uri, storage)
+            if isinstance(result, SkippedImage):
+                skipped.append(result)
+            else:
+                kept.append(uri)
+                images.append(result)
+        yield kept, images, skipped
+
+
+def _top_columns(scores: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) column indices of the highest scores, best first (ties: lower column first)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_attention_maps(
+    predictions: Predictions, attention: np.ndarray, storage: Storage, prefix: str
+) -> list[str]:
+    """Per image: ``<n>-<name>/<rank>-<label>.png`` overlays and ``<n>-<name>/grid.png``."""
+    written = []
+    for index, uri in enumerate(tqdm(predictions.uris, desc="attention maps", unit="image")):
+        image = _read_image(uri, storage)
+        if isinstance(image, SkippedImage):
+            logger.warning("attention maps for %s skipped: %s", uri, image.detail)
+            continue
+        folder = f"{prefix}/{index:04d}-{_safe_name(PurePosixPath(uri).stem)}"
+        region = centre_crop_box(image.size, predictions.crop_fraction)
+        columns = predictions.top[index]
+        for rank, column in enumerate(columns):
+            overlay = heatmap_overlay(
+                image, attention[index, rank], predictions.grid, region_box=region
+            )
+            url = f"{folder}/{rank + 1:02d}-{_safe_name(predictions.labels[column])}.png"
+            storage.write_bytes(url, _png(overlay))
+            written.append(url)
+        figure = attention_grid_figure(
+            image,
+            [predictions.labels[column] for column in columns],
+            attention[index],
+            predictions.grid,
+            scores=[float(predictions.scores[index, column]) for column in columns],
+            region_box=region,
+        )
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+        storage.write_bytes(f"{folder}/grid.png", buffer.getvalue())
+        written.append(f"{folder}/grid.png")
+    return written
