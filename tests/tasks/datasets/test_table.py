@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,9 @@ from tasks import schemas
 from tasks.datasets.base import DatasetError
 from tasks.datasets.table import TableConfig, prepare_table
 from tasks.storage import Storage, StorageConfig
+
+if TYPE_CHECKING:
+    from tests.conftest import S3Server
 
 VOCABULARY_CSV = "label,seen,tokens\ncat,true,\nsofa,1,couch\nhot_dog,no,\nzebra,unseen,\n"
 LABELS_CSV = (
@@ -136,3 +141,30 @@ def test_missing_and_unreadable_files(tmp_path: Path, storage: Storage) -> None:
     broken = config.model_copy(update={"labels": str(tmp_path / "labels.parquet")})
     with pytest.raises(DatasetError, match="not a readable parquet file"):
         prepare_table(broken, storage)
+
+
+@pytest.mark.slow
+def test_inputs_and_outputs_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
+    storage = Storage(
+        StorageConfig(
+            root=f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
+            endpoint_url=s3_server.endpoint_url,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
+    storage.write_bytes(storage.url("raw/labels.csv"), LABELS_CSV.encode())
+    storage.write_parquet(
+        storage.url("raw/vocab.parquet"),
+        pd.DataFrame({"label": LABELS, "seen": [True, True, False, False]}),
+    )
+    config = TableConfig(
+        name="s3-table",
+        labels=storage.url("raw/labels.csv"),
+        vocabulary=storage.url("raw/vocab.parquet"),
+    )
+    artifacts = prepare_table(config, storage)
+    assert artifacts.images_prefix == storage.url("raw")
+    labels = storage.read_parquet(artifacts.label_table_url)
+    np.testing.assert_array_equal(schemas.label_matrix(labels, LABELS), EXPECTED)
+    assert storage.read_json(storage.url("datasets/s3-table/dataset.json"))["num_images"] == 3
+    assert prepare_table(config, storage) == artifacts
