@@ -1,0 +1,134 @@
+"""Using a trained model: scores for any label set, top-K tags, and per-label attention.
+
+Labels enter only through their word vectors, so the same calls score seen labels, the unseen
+labels of the zero-shot split, or labels nobody has trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lesa_model.data import BatchSource, batch_count
+from lesa_model.model import LESA
+
+
+def _model_device(model: LESA) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _as_label_vectors(
+    label_vectors: np.ndarray | torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    return torch.as_tensor(label_vectors, dtype=torch.float32, device=device)
+
+
+def score_with_labels(
+    model: LESA,
+    source: BatchSource,
+    label_vectors: np.ndarray | torch.Tensor,
+    batch_size: int = 256,
+    *,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N, C) float32 and the source's labels (N, C') int8, in the source's order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = _model_device(model)
+    vectors = _as_label_vectors(label_vectors, device)
+    total = source.num_images
+    scores: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    filled = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            batches = source.batches(batch_size, shuffle=False, seed=0, epoch=0)
+            bar = tqdm(
+                batches,
+                total=batch_count(total, batch_size),
+                desc="scoring",
+                unit="batch",
+                disable=None if progress else True,
+            )
+            for features, batch_labels in bar:
+                features = torch.as_tensor(features, device=device).float()
+                batch_scores = model(features, vectors).scores.float().cpu().numpy()
+                batch_labels = np.asarray(torch.as_tensor(batch_labels).cpu(), dtype=np.int8)
+                if scores is None or labels is None:
+                    scores = np.empty((total, batch_scores.shape[1]), dtype=np.float32)
+                    labels = np.empty((total, batch_labels.shape[1]), dtype=np.int8)
+                end = filled + batch_scores.shape[0]
+                if end > total:
+                    raise ValueError(f"source yielded more than its num_images ({total}) images")
+                scores[filled:end] = batch_scores
+                labels[filled:end] = batch_labels
+                filled = end
+    finally:
+        model.train(was_training)
+    if scores is None or labels is None or filled != total:
+        raise ValueError(f"source yielded {filled} images but reports num_images = {total}")
+    return scores, labels
+
+
+def score(
+    model: LESA,
+    source: BatchSource,
+    label_vectors: np.ndarray | torch.Tensor,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Scores (N, C) float32 of every image of ``source`` (in order) for every label vector."""
+    return score_with_labels(model, source, label_vectors, batch_size)[0]
+
+
+def top_k(scores: np.ndarray, label_names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    """Each image's ``k`` best labels as (name, score), best first."""
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (N, C), got shape {scores.shape}")
+    if len(label_names) != scores.shape[1]:
+        raise ValueError(f"{len(label_names)} label names for {scores.shape[1]} score columns")
+    if not 1 <= k <= scores.shape[1]:
+        raise ValueError(
+            f"k must be between 1 and the number of labels ({scores.shape[1]}), got {k}"
+        )
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
+    best = np.take_along_axis(best, order, axis=1)
+    return [
+        [(label_names[column], float(row_scores[column])) for column in row]
+        for row, row_scores in zip(best, scores, strict=True)
+    ]
+
+
+def attention_for(
+    model: LESA,
+    features: np.ndarray | torch.Tensor,
+    label_vectors: np.ndarray | torch.Tensor,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which module scores each label and that module's attention over the regions.
+
+    ``features`` is one image (R, D) or a batch (B, R, D). Returns ``selected`` (B, C) int64 and
+    ``weights`` (B, C, R) float32 (each row sums to 1): the map to draw for label c.
+    """
+    device = _model_device(model)
+    features = torch.as_tensor(features, device=device)
+    if features.ndim == 2:
+        features = features.unsqueeze(0)
+    vectors = _as_label_vectors(label_vectors, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            output = model(features.float(), vectors)
+    finally:
+        model.train(was_training)
+    rows = torch.arange(output.attention.shape[0], device=device)[:, None]
+    weights = output.attention[rows, output.selected]
+    return output.selected.cpu().numpy(), weights.float().cpu().numpy()
