@@ -479,20 +479,19 @@ def read_url_list(storage: Storage, url: str) -> pd.DataFrame:
     text = read_text(storage, url, what="URL list")
     try:
         frame = pd.read_csv(
-            io.StringIO(text),
-            sep=r"\s+",
-            skiprows=1,
-            header=None,
-            names=list(_URL_COLUMNS),
-            dtype=str,
-            keep_default_na=False,
+            io.StringIO(text), sep=r"\s+", skiprows=1, header=None, dtype=str, keep_default_na=False
         )
+    except pd.errors.EmptyDataError as error:
+        raise DatasetError(f"URL list {url} lists no images") from error
     except (ValueError, pd.errors.ParserError) as error:
         raise DatasetError(f"URL list {url} is malformed: {error}") from error
-    if frame.empty:
-        raise DatasetError(f"URL list {url} lists no images")
-    if (frame[list(_URL_COLUMNS)] == "").any(axis=None):
-        raise DatasetError(f"URL list {url}: some lines have fewer than {len(_URL_COLUMNS)} fields")
+    expected = f"expected {len(_URL_COLUMNS)} (path, photo id, large, middle, small, original)"
+    if frame.shape[1] != len(_URL_COLUMNS):
+        raise DatasetError(f"URL list {url}: lines have {frame.shape[1]} fields, {expected}")
+    short = np.flatnonzero((frame == "").any(axis=1).to_numpy())
+    if len(short):
+        raise DatasetError(f"URL list {url}: line {short[0] + 2} has too few fields, {expected}")
+    frame.columns = list(_URL_COLUMNS)
     frame["path"] = frame["path"].map(relative_image_path)
     return frame.drop_duplicates("path", keep="first").set_index("path")
 

@@ -25,6 +25,7 @@ from tasks.datasets.nuswide import (
     parse_binary_matrix,
     prepare_nuswide,
     read_nuswide_metadata,
+    read_url_list,
     relative_image_path,
 )
 from tasks.download import DownloadConfig, UnsafeArchiveError
@@ -298,6 +299,36 @@ def test_image_in_both_splits_is_named(tmp_path: Path, storage: Storage) -> None
     test.write_text(test.read_text() + "actor\\0001_11.jpg\n")
     with pytest.raises(DatasetError, match="both the train and the test list"):
         read_nuswide_metadata(storage, str(root))
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("header\nC:\\Flickr\\a\\1.jpg 1 http://l null\n", "lines have 4 fields, expected 6"),
+        ("header\na\\1.jpg 1 l m s o\na\\2.jpg 2 l\n", "line 3 has too few fields"),
+        ("header\na\\1.jpg 1 l m s o\na\\2.jpg 2 l m s o extra\n", "malformed"),
+        ("header only\n", "lists no images"),
+    ],
+)
+def test_malformed_url_list_is_named(
+    tmp_path: Path, storage: Storage, text: str, match: str
+) -> None:
+    (tmp_path / "urls.txt").write_text(text)
+    with pytest.raises(DatasetError, match=match):
+        read_url_list(storage, str(tmp_path / "urls.txt"))
+
+
+def test_url_list_parses_windows_paths(tmp_path: Path, storage: Storage) -> None:
+    (tmp_path / "urls.txt").write_text(
+        "  Photo_file  Photo_id  url_Large  url_Middle  url_Small  url_Original\n"
+        "  C:\\ImageData\\Flickr\\actor\\0001_2.jpg  2  http://l/2  null  http://s/2  null\n"
+    )
+    urls = read_url_list(storage, str(tmp_path / "urls.txt"))
+    assert urls.loc["actor/0001_2.jpg", ["large", "middle", "small"]].tolist() == [
+        "http://l/2",
+        "null",
+        "http://s/2",
+    ]
 
 
 def test_too_many_validation_images_is_an_error(tmp_path: Path, storage: Storage) -> None:
