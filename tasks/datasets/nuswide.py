@@ -560,8 +560,16 @@ def prepare_nuswide(config: NusWideConfig, storage: Storage) -> DatasetArtifacts
         images_prefix = dataset_url(storage, config.name, IMAGES_DIR)
         rejects = _download_images(labels, config, storage, images_prefix)
     labels = labels[~labels["image_id"].isin(rejects["image_id"])].reset_index(drop=True)
+    reasons = rejects["reason"].value_counts().to_dict()
+    if reasons:
+        logger.warning("dataset %s: %d images rejected %s", config.name, len(rejects), reasons)
     if labels.empty:
-        raise DatasetError(f"dataset {config.name}: every image was rejected ({len(rejects)})")
+        hint = (
+            " (no image host could be reached: is this machine offline?)"
+            if set(reasons) <= {"connection-error", "timeout"}
+            else ""
+        )
+        raise DatasetError(f"dataset {config.name}: every image was rejected {reasons}{hint}")
     return write_dataset(
         storage,
         config,

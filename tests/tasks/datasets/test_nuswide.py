@@ -254,6 +254,20 @@ def test_zip_slip_in_metadata_archive_refused(tmp_path: Path, storage: Storage) 
         read_nuswide_metadata(storage, str(root))
 
 
+def test_offline_download_fails_clearly(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    dead = "http://127.0.0.1:9/photo.jpg"
+    (root / "NUS-WIDE-urls.txt").write_text(
+        "header\n" + "".join(f"C:\\Flickr\\{path} 1 {dead} null null null\n" for path, *_ in IMAGES)
+    )
+    config = NusWideConfig(
+        metadata=str(root), num_val=1, download=DownloadConfig(retries=0, workers=2)
+    )
+    with pytest.raises(DatasetError, match=r"every image was rejected .*offline"):
+        prepare_nuswide(config, storage)
+    assert not storage.exists(storage.url("datasets/nus-wide/labels.parquet"))
+
+
 def test_missing_file_is_named(tmp_path: Path, storage: Storage) -> None:
     root = write_nuswide(tmp_path / "nus")
     (root / "NUS_WID_Tags/TagList1k.txt").unlink()
