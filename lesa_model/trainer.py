@@ -1,0 +1,365 @@
+"""Training loop with validation, best-model selection and exact resume.
+
+Exact resume rests on three facts: the data order of an epoch is a pure function of
+(seed, epoch) (``lesa_model.data.epoch_order``); a checkpoint records where in that order the run
+stopped, plus the optimiser, scheduler and RNG states; and resuming replays the epoch's order,
+skipping the batches already consumed. N steps, a checkpoint, and N more steps therefore give
+the same parameters as 2N steps straight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lesa_model.checkpoint import load_checkpoint, model_payload, save_checkpoint
+from lesa_model.config import LossConfig, TrainerConfig
+from lesa_model.data import BatchSource, batch_count
+from lesa_model.inference import score_with_labels
+from lesa_model.losses import LossTerms, lesa_loss
+from lesa_model.metrics import average_precision, precision_recall_f1_at_k
+from lesa_model.model import LESA, LesaOutput
+from lesa_model.validation import check_label_vectors
+
+STEP_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
+LOSS_KEYS = tuple(field.name for field in fields(LossTerms))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a run ended and what it produced."""
+
+    final_step: int
+    best_step: int | None
+    best_metric: float | None
+    history: list[dict[str, float]]
+    final_checkpoint: Path
+    best_checkpoint: Path | None
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` means CUDA when present, else CPU; asking for absent CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def step_checkpoint_name(step: int) -> str:
+    """``step-00001000.pt``: zero-padded so names sort by step."""
+    return f"step-{step:08d}.pt"
+
+
+def make_optimizer(model: LESA, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """RMSprop as in the paper (lr, PyTorch defaults) or the release (decay/momentum 0.9, eps 1).
+
+    TensorFlow adds epsilon inside the square root and PyTorch outside, so "release" matches the
+    authors' settings, not their update bit for bit.
+    """
+    if cfg.optimizer == "release":
+        return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=0.9, momentum=0.9, eps=1.0)
+    return torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
+
+
+def _float32(output: LesaOutput) -> LesaOutput:
+    """The loss runs in float32 even when the forward pass ran under autocast."""
+    return replace(
+        output,
+        **{
+            field.name: getattr(output, field.name).float()
+            for field in fields(output)
+            if getattr(output, field.name).is_floating_point()
+        },
+    )
+
+
+class Trainer:
+    """Trains a :class:`LESA` on seen labels.
+
+    Args:
+        model: the model to train (moved to the configured device).
+        label_vectors: (C, d) word vectors of the training (seen) labels, in the column order of
+            the sources' labels.
+        cfg: optimisation, validation and checkpointing settings.
+        loss_cfg: loss weights and normalisation.
+        checkpoint_dir: local folder for ``step-*.pt``, ``best.pt`` and ``final.pt``.
+        metadata: JSON-like facts stored in every checkpoint (label names, embedding source...).
+        progress: called with every history record (log and validation steps).
+    """
+
+    def __init__(
+        self,
+        model: LESA,
+        label_vectors: np.ndarray | torch.Tensor,
+        cfg: TrainerConfig | None = None,
+        loss_cfg: LossConfig | None = None,
+        checkpoint_dir: str | Path = "checkpoints",
+        *,
+        metadata: dict[str, Any] | None = None,
+        progress: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg or TrainerConfig()
+        self.loss_cfg = loss_cfg or LossConfig()
+        self.device = resolve_device(self.cfg.device)
+        self.model = model.to(self.device)
+        self.label_vectors = torch.as_tensor(label_vectors, dtype=torch.float32, device=self.device)
+        check_label_vectors(self.label_vectors, model.label_dim)
+        if self.cfg.eval_k > self.label_vectors.shape[0]:
+            raise ValueError(
+                f"eval_k = {self.cfg.eval_k} is larger than the number of training labels "
+                f"({self.label_vectors.shape[0]})"
+            )
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.metadata = dict(metadata or {})
+        self.progress = progress
+        self.amp = self.cfg.mixed_precision and self.device.type == "cuda"
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.scheduler = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer,
+                mode="max",
+                factor=self.cfg.plateau_factor,
+                patience=self.cfg.plateau_patience,
+                min_lr=self.cfg.lr * self.cfg.plateau_min_lr_ratio,
+            )
+            if self.cfg.lr_schedule == "release-plateau"
+            else None
+        )
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.ema: float | None = None
+        self.history: list[dict[str, float]] = []
+        self._window: dict[str, float | torch.Tensor] = dict.fromkeys(LOSS_KEYS, 0.0)
+        self._window_steps = 0
+
+    # ----- checkpoints -------------------------------------------------------------------------
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint with the highest step in ``checkpoint_dir`` (step-*.pt or final.pt)."""
+        candidates: list[tuple[int, Path]] = []
+        if self.checkpoint_dir.is_dir():
+            for path in self.checkpoint_dir.iterdir():
+                match = STEP_CHECKPOINT.match(path.name)
+                if match:
+                    candidates.append((int(match.group(1)), path))
+            final = self.checkpoint_dir / "final.pt"
+            if final.is_file():
+                candidates.append((int(load_checkpoint(final)["step"]), final))
+        return max(candidates, key=lambda item: item[0])[1] if candidates else None
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly where it stands."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            **model_payload(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "rng": rng,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "ema": self.ema,
+            "history": self.history,
+            "window": {
+                "sums": {key: float(value) for key, value in self._window.items()},
+                "steps": self._window_steps,
+            },
+            "trainer_config": self.cfg.model_dump(),
+            "loss_config": self.loss_cfg.model_dump(),
+            "metadata": self.metadata,
+        }
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from a checkpoint written by this trainer (same architecture and dims)."""
+        payload = load_checkpoint(path, map_location=str(self.device))
+        mine = model_payload(self.model)
+        for key in ("model_config", "dims"):
+            if payload[key] != mine[key]:
+                raise ValueError(
+                    f"checkpoint {path} was written for a different model: {key} "
+                    f"{payload[key]} != {mine[key]}"
+                )
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload["scheduler"] is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["rng"]["torch"].cpu())
+        if "cuda" in payload["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([state.cpu() for state in payload["rng"]["cuda"]])
+        self.step = int(payload["step"])
+        self.epoch = int(payload["epoch"])
+        self.batch_in_epoch = int(payload["batch_in_epoch"])
+        self.best_metric = payload["best_metric"]
+        self.best_step = payload["best_step"]
+        self.ema = payload["ema"]
+        self.history = list(payload["history"])
+        self._window = dict(payload["window"]["sums"])
+        self._window_steps = int(payload["window"]["steps"])
+
+    def _save_step_checkpoint(self) -> None:
+        save_checkpoint(self.checkpoint_dir / step_checkpoint_name(self.step), self.state())
+        steps = sorted(
+            (int(m.group(1)), path)
+            for path in self.checkpoint_dir.iterdir()
+            if (m := STEP_CHECKPOINT.match(path.name))
+        )
+        for _, path in steps[: -self.cfg.keep_checkpoints]:
+            path.unlink(missing_ok=True)
+
+    # ----- training ----------------------------------------------------------------------------
+
+    def total_steps(self, train: BatchSource) -> int:
+        """``steps``, or ``epochs`` x batches per epoch when epochs are given."""
+        if self.cfg.epochs is not None:
+            return self.cfg.epochs * batch_count(train.num_images, self.cfg.batch_size)
+        return self.cfg.steps
+
+    def train_step(self, features: Any, labels: Any) -> LossTerms:
+        """One optimiser step on one batch; returns the (detached) loss terms."""
+        features = torch.as_tensor(features, device=self.device).float()
+        labels = torch.as_tensor(labels, device=self.device)
+        if labels.ndim != 2 or labels.shape[1] != self.label_vectors.shape[0]:
+            raise ValueError(
+                f"training labels have shape {tuple(labels.shape)}; expected (batch, "
+                f"{self.label_vectors.shape[0]}) to match the label vectors"
+            )
+        self.model.train()
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+        )
+        with autocast:
+            output = self.model(features, self.label_vectors)
+        terms = lesa_loss(_float32(output), labels, self.loss_cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        self.optimizer.step()
+        return LossTerms(**{key: getattr(terms, key).detach() for key in LOSS_KEYS})
+
+    def validate(self, val: BatchSource) -> dict[str, float]:
+        """F1@eval_k and mAP on the validation source's (seen) labels."""
+        batch_size = max(self.cfg.batch_size, 256)
+        scores, labels = score_with_labels(
+            self.model, val, self.label_vectors, batch_size, progress=False
+        )
+        if labels.shape[1] != scores.shape[1]:
+            raise ValueError(
+                f"validation labels have {labels.shape[1]} columns, the label vectors "
+                f"{scores.shape[1]}"
+            )
+        k = self.cfg.eval_k
+        f1 = precision_recall_f1_at_k(scores, labels, k)[2]
+        return {f"val_F1@{k}": f1, "val_mAP": float(average_precision(scores, labels).mean())}
+
+    def _record(self, record: dict[str, float]) -> None:
+        if self.history and self.history[-1]["step"] == record["step"]:
+            self.history[-1] |= record
+        else:
+            self.history.append(record)
+        if self.progress is not None:
+            self.progress(self.history[-1])
+
+    def _log(self) -> dict[str, float]:
+        means = {key: float(value) / self._window_steps for key, value in self._window.items()}
+        if not math.isfinite(means["total"]):
+            raise FloatingPointError(
+                f"training diverged: the loss is {means['total']} at step {self.step}"
+            )
+        self._window = dict.fromkeys(LOSS_KEYS, 0.0)
+        self._window_steps = 0
+        record = {"step": float(self.step), "lr": self.optimizer.param_groups[0]["lr"]}
+        record |= {("loss" if key == "total" else key): value for key, value in means.items()}
+        self._record(record)
+        return record
+
+    def _validate_and_select(self, val: BatchSource) -> None:
+        metrics = self.validate(val)
+        metric = metrics[f"val_F1@{self.cfg.eval_k}"]
+        weight = self.cfg.val_ema
+        self.ema = metric if self.ema is None else weight * metric + (1 - weight) * self.ema
+        if self.scheduler is not None:
+            self.scheduler.step(self.ema)
+        self._record({"step": float(self.step), **metrics, "val_ema": self.ema})
+        if self.best_metric is None or metric > self.best_metric:
+            self.best_metric, self.best_step = metric, self.step
+            save_checkpoint(self.checkpoint_dir / "best.pt", self.state())
+
+    def _after_step(self, terms: LossTerms, val: BatchSource | None, total: int) -> None:
+        for key in LOSS_KEYS:  # summed as tensors: no device sync per step
+            self._window[key] = self._window[key] + getattr(terms, key)
+        self._window_steps += 1
+        if self.step % self.cfg.log_every == 0 or self.step == total:
+            self._log()
+        if val is not None and (self.step % self.cfg.val_every == 0 or self.step == total):
+            self._validate_and_select(val)
+        if self.step % self.cfg.checkpoint_every == 0:
+            self._save_step_checkpoint()
+
+    def fit(
+        self, train: BatchSource, val: BatchSource | None = None, *, resume: bool = True
+    ) -> TrainResult:
+        """Train to the configured number of steps, resuming from ``checkpoint_dir`` if asked.
+
+        Validation (when ``val`` is given) runs every ``val_every`` steps and at the end; the
+        best F1@eval_k is saved as ``best.pt``. The run always ends with ``final.pt``.
+        """
+        if train.num_images < 1:
+            raise ValueError("the training source holds no images")
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        latest = self.latest_checkpoint() if resume else None
+        if latest is not None:
+            self.restore(latest)
+        else:
+            torch.manual_seed(self.cfg.seed)
+        total = self.total_steps(train)
+        bar = tqdm(
+            total=total, initial=min(self.step, total), desc="training", unit="step", disable=None
+        )
+        try:
+            while self.step < total:
+                batches = train.batches(
+                    self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=self.epoch
+                )
+                for index, (features, labels) in enumerate(batches):
+                    if index < self.batch_in_epoch:
+                        continue
+                    terms = self.train_step(features, labels)
+                    self.step += 1
+                    self.batch_in_epoch = index + 1
+                    self._after_step(terms, val, total)
+                    bar.update(1)
+                    if self.history and self.history[-1]["step"] == self.step:
+                        bar.set_postfix(loss=f"{self.history[-1].get('loss', float('nan')):.4g}")
+                    if self.step >= total:
+                        break
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+        finally:
+            bar.close()
+        final = save_checkpoint(self.checkpoint_dir / "final.pt", self.state())
+        best = self.checkpoint_dir / "best.pt"
+        return TrainResult(
+            final_step=self.step,
+            best_step=self.best_step,
+            best_metric=self.best_metric,
+            history=list(self.history),
+            final_checkpoint=final,
+            best_checkpoint=best if self.best_step is not None and best.is_file() else None,
+        )
