@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from typing import Annotated
 
@@ -70,6 +71,12 @@ def join_url(prefix: str, *parts: str) -> str:
     """Join URL/path segments with single slashes (works for local paths and ``s3://``)."""
     pieces = [prefix.rstrip("/")] + [part.strip("/") for part in parts if part]
     return "/".join(pieces)
+
+
+def absolute_url(url: str) -> str:
+    """URLs stay as they are; a relative local path becomes absolute, so Dask workers and later
+    runs started elsewhere resolve it the same way."""
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
 def label_tokens(label: str) -> str:

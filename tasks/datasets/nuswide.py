@@ -53,6 +53,7 @@ from tasks.datasets.base import (
     DatasetArtifacts,
     DatasetError,
     DatasetName,
+    absolute_url,
     dataset_url,
     join_url,
     label_tokens,
@@ -550,7 +551,7 @@ def prepare_nuswide(config: NusWideConfig, storage: Storage) -> DatasetArtifacts
     labels, vocabulary = build_nuswide_tables(metadata, num_val=config.num_val)
     del metadata
     if config.images is not None:
-        images_prefix = config.images
+        images_prefix = absolute_url(config.images)
         rejects = (
             _check_images(labels, images_prefix, storage)
             if config.check_images

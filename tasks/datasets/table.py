@@ -22,7 +22,6 @@ label's own words).
 from __future__ import annotations
 
 import io
-import os
 from typing import Any, Literal
 
 import numpy as np
@@ -34,6 +33,7 @@ from tasks.datasets.base import (
     DatasetArtifacts,
     DatasetError,
     DatasetName,
+    absolute_url,
     label_tokens,
     load_prepared,
     write_dataset,
@@ -164,10 +164,8 @@ def parse_label_table(frame: pd.DataFrame, url: str, config: TableConfig) -> pd.
 
 
 def _parent(url: str) -> str:
-    """The folder holding ``url``; local paths are made absolute so workers elsewhere agree."""
-    if "://" in url:
-        return url.rsplit("/", 1)[0]
-    return os.path.dirname(os.path.abspath(url))
+    """The folder holding ``url`` (absolute for local paths)."""
+    return absolute_url(url).rsplit("/", 1)[0]
 
 
 def prepare_table(config: TableConfig, storage: Storage) -> DatasetArtifacts:
@@ -190,5 +188,5 @@ def prepare_table(config: TableConfig, storage: Storage) -> DatasetArtifacts:
         name=config.name,
         labels=labels,
         vocabulary=vocabulary,
-        images_prefix=config.images_prefix or _parent(config.labels),
+        images_prefix=absolute_url(config.images_prefix or _parent(config.labels)),
     )
