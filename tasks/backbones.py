@@ -32,6 +32,9 @@ PRETRAINED = "imagenet"
 """``weights`` value for the backbone's standard ImageNet weights."""
 RANDOM = "none"
 """``weights`` value for random initialisation (tests only; never a silent fallback)."""
+RANDOM_SEED = 0
+"""Seed of ``weights="none"``: every worker and every rerun builds the same random network, so
+shards computed in different processes belong to one feature set."""
 
 RESIZE_RATIO = 256 / 224
 """Short side before the centre crop, relative to the crop (the release: 256 -> 224)."""
@@ -215,16 +218,19 @@ def load_backbone(
 ) -> Backbone:
     """Build a backbone in eval mode on the CPU.
 
-    ``weights`` is ``"imagenet"``, ``"none"`` (random, explicit only) or a weights file (a local
-    path, or any URL that ``open_weights`` turns into a local file, e.g. ``Storage.local_copy``).
+    ``weights`` is ``"imagenet"``, ``"none"`` (random with a fixed seed, explicit only) or a
+    weights file (a local path, or any URL that ``open_weights`` turns into a local file, e.g.
+    ``Storage.local_copy``). The caller's random state is left untouched.
     """
     spec = get_spec(name)
     check_image_size(spec, image_size)
     kind = resolve_preprocessing(name, preprocessing)
-    if name == "vgg19":
-        module = _build_vgg19(weights, open_weights)
-    else:
-        module = _build_efficientnet_lite0(weights, image_size, open_weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        if name == "vgg19":
+            module = _build_vgg19(weights, open_weights)
+        else:
+            module = _build_efficientnet_lite0(weights, image_size, open_weights)
     module.eval().requires_grad_(False)
     return Backbone(
         name=spec.name,

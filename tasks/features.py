@@ -400,7 +400,11 @@ def _extract_shard_on_worker(
 
 @contextlib.contextmanager
 def dask_client(config: DaskConfig) -> Iterator[Client]:
-    """A client for the configured scheduler, or for a LocalCluster started (and closed) here."""
+    """A client for the configured scheduler, or for a LocalCluster started (and closed) here.
+
+    The local scheduler's HTTP server always takes a free port (":0"), so two pipelines on one
+    machine never fight over 8787; it serves the dashboard only when asked and bokeh is present.
+    """
     if config.address:
         with Client(config.address) as client:
             yield client
@@ -414,7 +418,8 @@ def dask_client(config: DaskConfig) -> Iterator[Client]:
             threads_per_worker=config.threads_per_worker,
             processes=config.processes,
             host="127.0.0.1",
-            dashboard_address=":0" if dashboard else None,
+            dashboard_address=":0",
+            scheduler_kwargs={"dashboard": dashboard},
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -434,9 +439,13 @@ def _threads_by_host(client: Client) -> dict[str, int]:
     return {host: max(1, host_cores[host] // slots) for host, slots in task_slots.items()}
 
 
-def _dashboard_link(client: Client) -> str | None:
-    services = client.scheduler_info(n_workers=0).get("services", {})
-    return client.dashboard_link if "dashboard" in services else None
+def _dashboard_link(client: Client, config: DaskConfig) -> str | None:
+    """The dashboard URL, if one is served (the scheduler's HTTP port exists even without it)."""
+    if not config.dashboard:
+        return None
+    if config.address or importlib.util.find_spec("bokeh") is not None:
+        return client.dashboard_link
+    return None
 
 
 def _shard_is_valid(
@@ -457,9 +466,10 @@ def _shard_is_valid(
     return storage.sha256(plan.shard_uri) == row["sha256"]
 
 
-def _read_table(storage: Storage, url: str, model: type, columns: list[str]) -> pd.DataFrame:
+def _read_table(storage: Storage, url: str, model: type) -> pd.DataFrame:
+    """A validated table from storage, or an empty one of that schema if none exists yet."""
     if not storage.exists(url):
-        return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
+        return schemas.empty(model)
     return schemas.validate(storage.read_parquet(url), model, stage="features")
 
 
@@ -467,23 +477,17 @@ def _committed_shards(
     storage: Storage, manifest_url: str, plans: list[ShardPlan], config: FeaturesConfig
 ) -> dict[int, dict[str, Any]]:
     """Rows of the existing manifest that still verify, by shard index."""
-    manifest = _read_table(
-        storage,
-        manifest_url,
-        schemas.FeatureManifest,
-        list(schemas.FeatureManifest.to_schema().columns),
-    )
+    manifest = _read_table(storage, manifest_url, schemas.FeatureManifest)
     by_index = {plan.index: plan for plan in plans}
     rows = [row for _, row in manifest.iterrows() if int(row["shard_index"]) in by_index]
+
+    def verify(row: pd.Series) -> bool:
+        return _shard_is_valid(row, by_index[int(row["shard_index"])], config, storage)
+
     with ThreadPoolExecutor(max_workers=8) as pool:
         valid = list(
             tqdm(
-                pool.map(
-                    lambda row: _shard_is_valid(
-                        row, by_index[int(row["shard_index"])], config, storage
-                    ),
-                    rows,
-                ),
+                pool.map(verify, rows),
                 total=len(rows),
                 desc="verifying shards",
                 unit="shard",
@@ -495,22 +499,34 @@ def _committed_shards(
     }
 
 
-class _Committer:
-    """Keeps manifest and rejects tables in storage in step with finished shards."""
+def _committed_rejects(
+    storage: Storage, rejects_url: str, plans: list[ShardPlan], committed: set[int]
+) -> dict[int, list[dict[str, str]]]:
+    """Existing rejects rows of the committed shards, by shard index."""
+    previous = _read_table(storage, rejects_url, schemas.Rejects)
+    shard_of = {i: plan.index for plan in plans if plan.index in committed for i in plan.image_ids}
+    by_shard: dict[int, list[dict[str, str]]] = {}
+    for row in previous.to_dict("records"):
+        if row["image_id"] in shard_of:
+            by_shard.setdefault(shard_of[row["image_id"]], []).append(row)
+    return by_shard
 
-    def __init__(
-        self,
-        storage: Storage,
-        manifest_url: str,
-        rejects_url: str,
-        rows: dict[int, dict[str, Any]],
-        rejects: pd.DataFrame,
-    ) -> None:
-        self.storage = storage
-        self.manifest_url = manifest_url
-        self.rejects_url = rejects_url
-        self.rows = rows
-        self.rejects = rejects
+
+def _frame(rows: list[dict[str, Any]], model: type) -> pd.DataFrame:
+    """Validated table of ``rows`` (an empty, correctly typed table when there are none)."""
+    frame = pd.DataFrame(rows) if rows else schemas.empty(model)
+    return schemas.validate(frame, model, stage="features")
+
+
+@dataclass
+class _Committer:
+    """Keeps the manifest and rejects tables in storage in step with finished shards."""
+
+    storage: Storage
+    manifest_url: str
+    rejects_url: str
+    rows: dict[int, dict[str, Any]]
+    rejects: dict[int, list[dict[str, str]]]
 
     def commit(self, result: ShardResult | None = None) -> None:
         """Record ``result`` (if any), then rewrite rejects, then the manifest, atomically.
@@ -521,23 +537,11 @@ class _Committer:
         if result is not None:
             index = int(result.manifest_row["shard_index"])
             self.rows[index] = result.manifest_row
-            fresh = pd.DataFrame(result.rejects, columns=list(self.rejects.columns))
-            ids = set(fresh["image_id"])
-            kept = self.rejects[~self.rejects["image_id"].isin(ids)]
-            self.rejects = pd.concat([kept, fresh], ignore_index=True) if len(fresh) else kept
-        self.storage.write_parquet(
-            self.rejects_url,
-            schemas.validate(
-                self.rejects.reset_index(drop=True), schemas.Rejects, stage="features"
-            ),
-        )
-        manifest = pd.DataFrame(
-            [self.rows[index] for index in sorted(self.rows)],
-            columns=list(schemas.FeatureManifest.to_schema().columns),
-        )
-        self.storage.write_parquet(
-            self.manifest_url, schemas.validate(manifest, schemas.FeatureManifest, stage="features")
-        )
+            self.rejects[index] = result.rejects
+        rejects = [row for index in sorted(self.rejects) for row in self.rejects[index]]
+        self.storage.write_parquet(self.rejects_url, _frame(rejects, schemas.Rejects))
+        manifest = [self.rows[index] for index in sorted(self.rows)]
+        self.storage.write_parquet(self.manifest_url, _frame(manifest, schemas.FeatureManifest))
 
 
 def extract_features(
@@ -560,17 +564,8 @@ def extract_features(
     rejects_url = f"{out_prefix}/{REJECTS_NAME}"
     plans = plan_shards(table, images_prefix, config.shard_size, out_prefix)
     rows = _committed_shards(storage, manifest_url, plans, config)
-    planned_ids = {image_id for plan in plans if plan.index in rows for image_id in plan.image_ids}
-    previous = _read_table(
-        storage, rejects_url, schemas.Rejects, list(schemas.Rejects.to_schema().columns)
-    )
-    committer = _Committer(
-        storage,
-        manifest_url,
-        rejects_url,
-        rows,
-        previous[previous["image_id"].isin(planned_ids)].astype(str),
-    )
+    rejects = _committed_rejects(storage, rejects_url, plans, set(rows))
+    committer = _Committer(storage, manifest_url, rejects_url, rows, rejects)
     committer.commit()
     todo = [plan for plan in plans if plan.index not in rows]
     if todo:
@@ -592,7 +587,7 @@ def _run_shards(
 ) -> None:
     failures: list[str] = []
     with dask_client(config.dask) as client:
-        link = _dashboard_link(client)
+        link = _dashboard_link(client, config.dask)
         if link:
             tqdm.write(f"Dask dashboard: {link}")
         threads = _threads_by_host(client)

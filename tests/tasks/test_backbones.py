@@ -177,3 +177,14 @@ def test_random_weights_only_when_asked() -> None:
     first_random = next(random_net.module.parameters())
     first_pretrained = next(pretrained.module.parameters())
     assert not torch.equal(first_random, first_pretrained)
+
+
+def test_random_weights_are_the_same_in_every_process_and_leave_the_caller_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = load_backbone("vgg19", weights="none", image_size=32)
+    assert torch.equal(torch.rand(1), expected_next)
+    second = load_backbone("vgg19", weights="none", image_size=32)
+    for a, b in zip(first.module.parameters(), second.module.parameters(), strict=True):
+        assert torch.equal(a, b)
