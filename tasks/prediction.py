@@ -149,7 +149,10 @@ class Predictions:
                 }
                 for index, (uri, size) in enumerate(zip(self.uris, self.image_sizes, strict=True))
             ],
-            "skipped": [vars(item) for item in self.skipped],
+            "skipped": [
+                {"image": item.uri, "reason": item.reason, "detail": item.detail}
+                for item in self.skipped
+            ],
         }
 
 

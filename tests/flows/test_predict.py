@@ -1,0 +1,138 @@
+"""``python -m flows.predict``: the command line end to end, through the Prefect flow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from flows.predict import main
+from lesa_model.checkpoint import model_payload, save_checkpoint
+from lesa_model.config import ModelConfig
+from lesa_model.model import LESA
+from tasks.embeddings import KUMO_SOURCE
+from tasks.features import FeaturesConfig, feature_key
+
+FEATURES = FeaturesConfig(backbone="efficientnet-lite0", weights="none", image_size=64)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    model = LESA(1280, 50, ModelConfig(num_modules=2, hidden_dim=8), grid=FEATURES.grid)
+    checkpoint = save_checkpoint(
+        root / "best.pt",
+        {
+            **model_payload(model),
+            "metadata": {
+                "seen_labels": ["cat", "dog"],
+                "unseen_labels": ["fish"],
+                "embedding_source": KUMO_SOURCE,
+                "feature_key": feature_key(FEATURES),
+                "backbone": FEATURES.backbone,
+                "image_size": FEATURES.image_size,
+                "features": FEATURES.model_dump(mode="json"),
+            },
+        },
+    )
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("one.png", (70, 50)), ("two.jpg", (64, 64))):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            images / name
+        )
+    (images / "three.jpg").write_bytes(b"not a picture")
+    return {"root": root, "checkpoint": checkpoint, "images": images}
+
+
+def test_help_describes_the_options(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--checkpoint", "--images", "--labels", "--top-k", "--out", "--attention-maps"):
+        assert option in text
+
+
+def test_empty_label_list_fails_before_any_work(inputs, capsys) -> None:
+    code = main(
+        [
+            "--checkpoint",
+            str(inputs["checkpoint"]),
+            "--images",
+            str(inputs["images"]),
+            "--labels",
+            " , ",
+        ]
+    )
+    assert code == 2
+    assert "holds no labels" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_with_usage_error(inputs) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", "x.pt", "--images", "a.jpg", "--top-k", "0"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", "x.pt", "--images", "a.jpg", "--set", "train.steps=3"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_cli_tags_a_folder_with_new_labels(inputs, capsys) -> None:
+    out = inputs["root"] / "out"
+    code = main(
+        [
+            "--checkpoint",
+            str(inputs["checkpoint"]),
+            "--images",
+            str(inputs["images"]),
+            "--labels",
+            "cat,zebra,hot dog",
+            "--top-k",
+            "2",
+            "--out",
+            str(out),
+            "--attention-maps",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "one.png" in captured.out and "two.jpg" in captured.out
+    assert "three.jpg" in captured.out and "corrupt" in captured.out
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == 4
+    assert set(table["label"]) <= {"cat", "zebra", "hot dog"}
+    document = json.loads((out / "predictions.json").read_text())
+    assert [Path(item["image"]).name for item in document["skipped"]] == ["three.jpg"]
+    heatmaps = sorted((out / "attention").glob("*/0*.png"))
+    assert len(heatmaps) == 4
+    one = [path for path in heatmaps if "-one" in path.parent.name]
+    assert Image.open(one[0]).size == (70, 50)
+    assert len(list((out / "attention").glob("*/grid.png"))) == 2
+
+
+@pytest.mark.slow
+def test_cli_unembeddable_label_is_a_clear_error(inputs, capsys) -> None:
+    code = main(
+        [
+            "--checkpoint",
+            str(inputs["checkpoint"]),
+            "--images",
+            str(inputs["images"]),
+            "--labels",
+            "cat,blorptangle",
+            "--top-k",
+            "1",
+            "--out",
+            str(inputs["root"] / "never"),
+        ]
+    )
+    assert code == 2
+    assert "blorptangle" in capsys.readouterr().err
+    assert not (inputs["root"] / "never").exists()
