@@ -431,7 +431,7 @@ def print_predictions(predictions: Predictions, console: Console | None = None) 
     for index, uri in enumerate(predictions.uris):
         cells = [
             f"{predictions.labels[c]}{'' if predictions.seen[c] else '*'} "
-            f"{predictions.scores[index, c]:.2f}"
+            f"{predictions.scores[index, c]:.3g}"
             for c in predictions.top[index]
         ]
         table.add_row(uri, *cells)
