@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from loop_losses import loop_terms
 
 from lesa_model.config import LossConfig
 from lesa_model.losses import lesa_loss
@@ -41,57 +42,6 @@ def _labels(seed: int) -> torch.Tensor:
     return labels
 
 
-def _loop_terms(output: LesaOutput, labels: torch.Tensor, normalisation: str) -> dict:
-    """Eq. 5-9, 11 written literally, one scalar at a time."""
-    release = normalisation == "release"
-    s, e, ms, mean = output.scores, output.logits, output.module_scores, output.mean_scores
-    rank_terms, div_terms = [], []
-    rel = torch.zeros(())
-    annotated = 0
-    usage = [torch.zeros(()) for _ in range(M)]
-    for i in range(B):
-        hinge, violations = torch.zeros(()), 0
-        for o in range(C):
-            if labels[i, o] != 1:
-                continue
-            for n in range(C):
-                if labels[i, n] != -1:
-                    continue
-                value = 1 + s[i, n] - s[i, o]
-                if value > 0:
-                    hinge = hinge + value
-                    violations += 1
-        rank_terms.append(hinge / max(violations, 1) if release else hinge)
-        off = torch.zeros(())
-        squares = torch.zeros(())
-        for m in range(M):
-            for n in range(M):
-                if m == n:
-                    continue
-                cos = torch.dot(e[i, m], e[i, n]) / (e[i, m].norm() * e[i, n].norm())
-                off = off + cos
-                squares = squares + cos**2
-        div_terms.append(torch.sqrt(squares) if release else off)
-        for o in range(C):
-            y = int(labels[i, o])
-            if y != 0:
-                annotated += 1
-                rel = rel + torch.clamp((mean[i, o] - s[i, o]) * y, min=0)
-            if y == 1:
-                denominator = sum(torch.exp(ms[i, n, o]) for n in range(M))
-                for m in range(M):
-                    usage[m] = usage[m] + torch.exp(ms[i, m, o]) / denominator
-    squares = [u**2 for u in usage]
-    if release:
-        return {
-            "rank": sum(rank_terms) / B,
-            "div": sum(div_terms) / B,
-            "rel": rel / annotated,
-            "dist": sum(squares) / M,
-        }
-    return {"rank": sum(rank_terms), "div": sum(div_terms), "rel": rel, "dist": sum(squares)}
-
-
 @pytest.mark.parametrize("normalisation", ["paper", "release"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_each_term_and_its_gradient_equal_the_loop(normalisation: str, seed: int) -> None:
@@ -99,7 +49,7 @@ def test_each_term_and_its_gradient_equal_the_loop(normalisation: str, seed: int
     labels = _labels(seed)
     fast_output, slow_output = _output(seed), _output(seed)
     fast = lesa_loss(fast_output, labels, cfg)
-    slow = _loop_terms(slow_output, labels, normalisation)
+    slow = loop_terms(slow_output, labels, normalisation)
     for name in ("rank", "div", "rel", "dist"):
         torch.testing.assert_close(getattr(fast, name), slow[name], rtol=1e-5, atol=1e-5)
     slow_total = slow["rank"] + 0.3 * slow["div"] + 0.2 * slow["rel"] + 0.1 * slow["dist"]
