@@ -12,13 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 from typing import Annotated
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from tasks import schemas
+from tasks.embeddings import tokenize_label
 from tasks.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ def absolute_url(url: str) -> str:
 
 
 def label_tokens(label: str) -> str:
-    """The words that embed a label: lowercase, split on space, ``_``, ``-`` and ``/``."""
-    return " ".join(word for word in re.split(r"[\s_\-/]+", label.lower()) if word)
+    """The vocabulary's ``tokens`` for a label: the words the embedding stage will look up."""
+    return " ".join(tokenize_label(label))
 
 
 def read_text(storage: Storage, url: str, *, what: str) -> str:
