@@ -26,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from tqdm.auto import tqdm
 
@@ -49,6 +50,8 @@ PREDICTIONS_JSON = "predictions.json"
 ATTENTION_DIR = "attention"
 DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 16
+PRINTED_ROWS = 50
+"""Images shown in the console table; the files hold every image."""
 
 
 class PredictionError(ValueError):
@@ -422,23 +425,31 @@ def write_predictions(
     return PredictionArtifacts(csv_url=csv_url, json_url=json_url, attention_urls=written)
 
 
-def print_predictions(predictions: Predictions, console: Console | None = None) -> None:
-    """A rich table: one row per image, its top labels best first (unseen ones marked *)."""
+def print_predictions(
+    predictions: Predictions, console: Console | None = None, *, max_rows: int = PRINTED_ROWS
+) -> None:
+    """A rich table: one row per image, its top labels best first (unseen ones marked *).
+
+    Only the first ``max_rows`` images are shown (the CSV and JSON hold all of them).
+    """
     table = Table(title=f"Top {predictions.top.shape[1]} labels per image (* = not trained on)")
     table.add_column("image", overflow="fold")
     for rank in range(predictions.top.shape[1]):
         table.add_column(f"#{rank + 1}")
-    for index, uri in enumerate(predictions.uris):
+    for index, uri in enumerate(predictions.uris[:max_rows]):
         cells = [
             f"{predictions.labels[c]}{'' if predictions.seen[c] else '*'} "
             f"{predictions.scores[index, c]:.3g}"
             for c in predictions.top[index]
         ]
-        table.add_row(uri, *cells)
+        table.add_row(escape(uri), *(escape(cell) for cell in cells))
     console = console or Console()
     console.print(table)
+    hidden = len(predictions.uris) - max_rows
+    if hidden > 0:
+        console.print(f"... and {hidden} more image(s); see the CSV/JSON output", markup=False)
     for item in predictions.skipped:
-        console.print(f"[yellow]skipped[/yellow] {item.uri}: {item.reason} ({item.detail})")
+        console.print(f"skipped {item.uri}: {item.reason} ({item.detail})", markup=False)
 
 
 @task(name="load-predictor", cache_policy=NO_CACHE)

@@ -205,6 +205,10 @@ def test_print_predictions_shows_top_labels_and_skips(workspace, storage) -> Non
     text = console.export_text()
     assert "a.png" in text and "zebra*" in text and "cat " in text
     assert "skipped /missing.png: missing" in text
+    console = Console(record=True, width=200)
+    print_predictions(predictions, console, max_rows=0)
+    text = console.export_text()
+    assert "a.png" not in text and "... and 1 more image(s)" in text
 
 
 def test_bad_labels_give_clear_errors(workspace, storage, tmp_path) -> None:
