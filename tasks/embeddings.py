@@ -11,6 +11,7 @@ the vocabulary's labels and tokens, so a rerun never reloads the word vectors.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import fsspec
 import numpy as np
 import pandas as pd
 from gensim.models import KeyedVectors
@@ -163,11 +165,43 @@ def _load_glove_file(url: str, storage: Storage) -> KeyedVectors:
             f"when offline); use {KUMO_SOURCE!r} or a local copy of the file"
         ) from error
     try:
-        return KeyedVectors.load_word2vec_format(str(path), binary=False, no_header=True)
-    except (ValueError, UnicodeDecodeError, IndexError) as error:
+        words, vectors = _read_glove_text(path)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
         raise EmbeddingSourceError(
             f"{url} is not a GloVe text file (one word and its floats per line): {error}"
         ) from error
+    keyed = KeyedVectors(vector_size=vectors.shape[1], count=0, dtype=np.float32)
+    keyed.add_vectors(words, vectors)
+    return keyed
+
+
+def _read_glove_text(path: Path) -> tuple[list[str], np.ndarray]:
+    """Parse GloVe text (``word v1 ... vd`` per line, optionally compressed), strictly.
+
+    pandas' C parser instead of gensim's reader: gensim silently repeats the values of a short
+    line (a truncated download would load without error); here every line must have d floats.
+    """
+    with fsspec.open(str(path), "rt", compression="infer", encoding="utf-8") as handle:
+        first = handle.readline().rstrip("\n").split(" ")
+    dim = len(first) - 1
+    if dim < 1:
+        raise ValueError("the first line has no vector")
+    table = pd.read_csv(
+        path,
+        sep=" ",
+        header=None,
+        names=range(dim + 1),
+        dtype={0: str, **dict.fromkeys(range(1, dim + 1), np.float32)},
+        quoting=csv.QUOTE_NONE,
+        na_filter=False,
+        encoding="utf-8",
+        compression="infer",
+    )
+    vectors = table.iloc[:, 1:].to_numpy(dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise ValueError("non-finite values")
+    table = table.drop_duplicates(subset=0, keep="first")
+    return table[0].tolist(), vectors[table.index.to_numpy()]
 
 
 def _load_gensim(name: str) -> KeyedVectors:
