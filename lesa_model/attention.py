@@ -233,7 +233,7 @@ def attention_grid_figure(
     for index, label in enumerate(labels):
         overlay = heatmap_overlay(image, rows_weights[index], grid, region_box=region_box)
         axes[index + 1].imshow(overlay)
-        title = label if scores is None else f"{label} ({scores[index]:.2f})"
+        title = label if scores is None else f"{label} ({scores[index]:.3g})"
         axes[index + 1].set_title(title)
     for axis in axes:
         axis.set_axis_off()

@@ -167,11 +167,11 @@ def test_attention_grid_figure_has_one_panel_per_label_plus_image() -> None:
     titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
     assert titles == [
         "image",
-        "cat (0.90)",
-        "dog (0.80)",
-        "tree (0.50)",
-        "sky (0.20)",
-        "car (0.10)",
+        "cat (0.9)",
+        "dog (0.8)",
+        "tree (0.5)",
+        "sky (0.2)",
+        "car (0.1)",
     ]
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
