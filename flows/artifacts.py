@@ -67,9 +67,10 @@ def publish_run_artifacts(
     run_name: str,
     metrics: MethodMetrics,
     summary_lines: Sequence[str],
+    report_markdown: str,
     report_urls: Mapping[str, str],
 ) -> None:
-    """Attach the metrics table, a Markdown summary and links to the reports to the flow run."""
+    """Attach the metrics table, a Markdown summary, the report and links to its files."""
     create_table_artifact(
         key=METRICS_ARTIFACT_KEY,
         table=metrics_rows(metrics),
@@ -89,8 +90,23 @@ def publish_run_artifacts(
     create_markdown_artifact(
         key=SUMMARY_ARTIFACT_KEY, markdown=markdown, description=f"Summary of run {run_name}"
     )
+    create_markdown_artifact(
+        key=REPORT_ARTIFACT_KEY, markdown=report_markdown, description=f"Report of run {run_name}"
+    )
     for name, url in report_urls.items():
-        if url.startswith(("http://", "https://", "s3://", "file://", "/")):
-            create_link_artifact(
-                key=REPORT_ARTIFACT_KEY, link=url, link_text=name, description=f"{run_name}: {name}"
-            )
+        create_link_artifact(
+            key=f"{REPORT_ARTIFACT_KEY}-{_slug(name)}",
+            link=_as_link(url),
+            link_text=name,
+            description=f"{run_name}: {name}",
+        )
+
+
+def _slug(name: str) -> str:
+    """An artifact key from a file name (keys allow lowercase letters, digits and dashes)."""
+    return "".join(char if char.isalnum() else "-" for char in name.lower()).strip("-")
+
+
+def _as_link(url: str) -> str:
+    """Local paths become ``file://`` URLs so the UI renders them as links."""
+    return f"file://{url}" if url.startswith("/") else url

@@ -7,7 +7,6 @@ an error that names the offending key (``train.lr: Input should be a valid numbe
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +27,6 @@ __all__ = [
     "ConfigError",
     "PipelineConfig",
     "apply_overrides",
-    "config_hash",
     "load_config",
     "parse_override",
 ]
@@ -50,19 +48,6 @@ class PipelineConfig(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-
-
-def config_hash(*parts: Any) -> str:
-    """A short, stable hash of JSON-able values (config sections, label lists).
-
-    Used to recognise finished work: the same inputs give the same hash across processes.
-    """
-    payload = json.dumps(
-        [part.model_dump(mode="json") if isinstance(part, StrictModel) else part for part in parts],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

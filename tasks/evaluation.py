@@ -1,27 +1,295 @@
 """Evaluation stage: score a checkpoint on the test split, ZSL and GZSL, and write the report.
 
 The checkpoint is scored with the *current* vocabulary's label vectors, so labels added after
-training (unseen ones) are evaluated zero-shot without retraining.
+training (unseen ones) are evaluated zero-shot without retraining. Baselines are scored on the
+same images and labels: random ranking, and the mean-pool model when its checkpoint is given
+(trained by ``tasks.training`` like LESA). When the dataset records object boxes, the pointing
+game measures whether each present label's attention peaks inside its box.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from pydantic import Field, PositiveInt
+import numpy as np
+from PIL import Image
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from lesa_model.attention import PointingGameResult, centre_crop_box, pointing_game
+from lesa_model.checkpoint import load_model
 from lesa_model.config import StrictModel
+from lesa_model.inference import attention_for, score
+from lesa_model.metrics import evaluate_zero_shot
+from lesa_model.model import LESA
+from tasks import reports
+from tasks.backbones import resize_side
+from tasks.baselines import BaselineName, random_ranking
+from tasks.embeddings import EmbeddingResult
+from tasks.feature_reader import FeatureBatches, FeatureStore
+from tasks.features import FeatureSet, resolve_uri
+from tasks.storage import Storage
+from tasks.training import DatasetTables, embedded, retry_unless_bad_input, split_source
+
+REPORTS_DIR = "reports"
 
 
 class EvaluationConfig(StrictModel):
     """What to report: top-K cut-offs, which checkpoint, and the baselines scored beside LESA.
 
-    ``ks`` follow the paper: 3 and 5 on NUS-WIDE, 10 and 20 on Open Images.
+    ``ks`` follow the paper: 3 and 5 on NUS-WIDE, 10 and 20 on Open Images. ``pointing_pairs``
+    caps the (image, label) pairs of the pointing game (0 turns it off).
     """
 
     ks: list[PositiveInt] = Field(default_factory=lambda: [3, 5], min_length=1)
     checkpoint: Literal["best", "final"] = "best"
-    baselines: list[Literal["mean-pool", "random"]] = Field(
-        default_factory=lambda: ["mean-pool", "random"]
-    )
+    baselines: list[BaselineName] = Field(default_factory=lambda: ["mean-pool", "random"])
     batch_size: PositiveInt = 256
+    seed: int = 0
+    pointing_pairs: int = Field(default=5000, ge=0)
+
+
+class EvaluationResult(BaseModel):
+    """Metrics of every method (fractions in [0, 1]) and where the report files are."""
+
+    model_config = ConfigDict(frozen=True)
+
+    checkpoint_url: str
+    metrics: dict[str, dict[str, dict[str, float]]]
+    report_urls: dict[str, str]
+    report_markdown: str
+    num_images: int
+    seen_labels: list[str]
+    unseen_labels: list[str]
+    pointing: dict[str, float | int] | None = None
+
+    def describe(self) -> list[str]:
+        """Human-readable lines for the run summary."""
+        lesa = self.metrics[reports.LESA_METHOD]
+        lines = [
+            f"Evaluation: {self.num_images} test images, {len(self.seen_labels)} seen + "
+            f"{len(self.unseen_labels)} unseen labels, checkpoint `{self.checkpoint_url}`",
+            f"LESA ZSL mAP {100 * lesa['zsl']['mAP']:.2f}%, GZSL mAP "
+            f"{100 * lesa['gzsl']['mAP']:.2f}%",
+        ]
+        for name, values in self.metrics.items():
+            if name != reports.LESA_METHOD:
+                lines.append(
+                    f"{name} baseline: ZSL mAP {100 * values['zsl']['mAP']:.2f}%, "
+                    f"GZSL mAP {100 * values['gzsl']['mAP']:.2f}%"
+                )
+        if self.pointing:
+            lines.append(
+                f"Pointing game: {100 * self.pointing['hit_rate']:.1f}% of "
+                f"{self.pointing['pairs']} (image, label) pairs "
+                f"(chance {100 * self.pointing['chance']:.1f}%)"
+            )
+        if "report.md" in self.report_urls:
+            lines.append(f"Report: `{self.report_urls['report.md']}`")
+        return lines
+
+
+def _load_checkpoint(storage: Storage, url: str) -> LESA:
+    model, _ = load_model(storage.local_copy(url))
+    return model
+
+
+def _image_size(storage: Storage, url: str) -> tuple[int, int]:
+    with storage.open(url, "rb") as handle, Image.open(handle) as image:
+        return image.size
+
+
+def pointing_for(
+    model: LESA,
+    store: FeatureStore,
+    tables: DatasetTables,
+    features: FeatureSet,
+    storage: Storage,
+    *,
+    image_size: int,
+    label_vectors: Mapping[str, np.ndarray],
+    max_pairs: int,
+    seed: int = 0,
+) -> PointingGameResult | None:
+    """Pointing game over test (image, present label) pairs that have a box.
+
+    The region grid covers the centre crop the backbone saw (resize to ``resize_side``, then
+    crop ``image_size``), so that rectangle is passed as each pair's region box.
+    """
+    if tables.boxes is None or tables.boxes.empty or max_pairs == 0:
+        return None
+    test = tables.split("test")
+    boxes = tables.boxes[
+        tables.boxes["image_id"].isin(test["image_id"])
+        & tables.boxes["image_id"].isin(store.index.index)
+        & tables.boxes["label"].isin(list(label_vectors))
+    ]
+    if boxes.empty:
+        return None
+    if len(boxes) > max_pairs:
+        boxes = boxes.sample(n=max_pairs, random_state=seed)
+    boxes = boxes.sort_values(["image_id", "label"]).reset_index(drop=True)
+    uris = test.set_index("image_id")["uri"]
+    labels = sorted(set(boxes["label"]))
+    column = {label: index for index, label in enumerate(labels)}
+    vectors = np.stack([label_vectors[label] for label in labels])
+    weights = np.empty((len(boxes), features.grid[0] * features.grid[1]), dtype=np.float32)
+    sizes = np.empty((len(boxes), 2), dtype=np.float64)
+    crop = image_size / resize_side(image_size)
+    for image_id, rows in boxes.groupby("image_id", sort=False):
+        _, image_weights = attention_for(model, store.read([image_id])[0], vectors)
+        cols = [column[label] for label in rows["label"]]
+        weights[rows.index] = image_weights[0, cols]
+        url = resolve_uri(str(uris[image_id]), tables.images_prefix)
+        sizes[rows.index] = _image_size(storage, url)
+    region_boxes = np.array([centre_crop_box((w, h), crop) for w, h in sizes])
+    return pointing_game(
+        weights,
+        features.grid,
+        boxes[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.float64),
+        sizes,
+        region_boxes=region_boxes,
+    )
+
+
+def evaluate_checkpoint(
+    config: EvaluationConfig,
+    storage: Storage,
+    *,
+    checkpoint_url: str,
+    tables: DatasetTables,
+    features: FeatureSet,
+    embeddings: EmbeddingResult,
+    image_size: int,
+    report_prefix: str,
+    baseline_checkpoints: Mapping[str, str] | None = None,
+) -> EvaluationResult:
+    """Score the test split with a checkpoint, compute ZSL/GZSL metrics, write the report.
+
+    ``baseline_checkpoints`` maps a model baseline (``mean-pool``) to its checkpoint URL;
+    ``random`` needs none. ``image_size`` is the backbone input size (for the pointing game).
+    """
+    seen = embedded(tables.seen_labels, embeddings)
+    unseen = embedded(tables.unseen_labels, embeddings)
+    if not unseen:
+        raise ValueError("no unseen label has a word vector: zero-shot cannot be evaluated")
+    names = seen + unseen
+    vectors = embeddings.vectors(names)
+    store = FeatureStore(features.manifest_url, storage)
+    test = split_source(tables, store, "test", names)
+    if test is None:
+        raise ValueError(f"dataset {tables.name}: no test image has features")
+    seen_columns = np.arange(len(seen))
+    unseen_columns = np.arange(len(seen), len(names))
+    is_seen = np.arange(len(names)) < len(seen)
+
+    model = _load_checkpoint(storage, checkpoint_url)
+    scores = score(model, test, vectors, batch_size=config.batch_size)
+    ks = [k for k in config.ks if k <= len(unseen)] or [min([*config.ks, len(unseen)])]
+    metrics = evaluate_zero_shot(scores, test.labels, seen_columns, unseen_columns, ks)
+    baselines = _baseline_metrics(
+        config,
+        storage,
+        test=test,
+        vectors=vectors,
+        columns=(seen_columns, unseen_columns),
+        ks=ks,
+        checkpoints=baseline_checkpoints or {},
+    )
+    label_ap = reports.label_ap_table(scores, test.labels, names, is_seen)
+    curve = reports.topk_curve(scores, test.labels, is_seen)
+    pointing = pointing_for(
+        model,
+        store,
+        tables,
+        features,
+        storage,
+        image_size=image_size,
+        label_vectors=dict(zip(names, vectors, strict=True)),
+        max_pairs=config.pointing_pairs,
+        seed=config.seed,
+    )
+    artifacts = reports.write_report(
+        metrics,
+        label_ap=label_ap,
+        curve=curve,
+        storage=storage,
+        prefix=report_prefix,
+        baselines=baselines,
+        pointing=pointing,
+    )
+    return EvaluationResult(
+        checkpoint_url=checkpoint_url,
+        metrics={reports.LESA_METHOD: metrics, **baselines},
+        report_urls=artifacts.urls(),
+        report_markdown=reports.report_markdown(
+            metrics, baselines=baselines, label_ap=label_ap, pointing=pointing
+        ),
+        num_images=test.num_images,
+        seen_labels=seen,
+        unseen_labels=unseen,
+        pointing=None if pointing is None else reports.pointing_summary(pointing),
+    )
+
+
+def _baseline_metrics(
+    config: EvaluationConfig,
+    storage: Storage,
+    *,
+    test: FeatureBatches,
+    vectors: np.ndarray,
+    columns: tuple[np.ndarray, np.ndarray],
+    ks: Sequence[int],
+    checkpoints: Mapping[str, str],
+) -> dict[str, dict[str, dict[str, float]]]:
+    results = {}
+    for name in config.baselines:
+        if name == "random":
+            scores = random_ranking(test.num_images, len(vectors), seed=config.seed)
+        elif name in checkpoints:
+            model = _load_checkpoint(storage, checkpoints[name])
+            scores = score(model, test, vectors, batch_size=config.batch_size)
+        else:
+            raise ValueError(f"baseline {name!r} needs a trained checkpoint; none was given")
+        results[name] = evaluate_zero_shot(scores, test.labels, *columns, ks)
+    return results
+
+
+@task(
+    name="evaluate",
+    retries=1,
+    retry_delay_seconds=10,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_unless_bad_input,
+)
+def evaluate_checkpoint_task(
+    config: EvaluationConfig,
+    storage: Storage,
+    *,
+    checkpoint_url: str,
+    tables: DatasetTables,
+    features: FeatureSet,
+    embeddings: EmbeddingResult,
+    image_size: int,
+    report_prefix: str,
+    baseline_checkpoints: Mapping[str, str] | None = None,
+) -> EvaluationResult:
+    """Prefect wrapper of :func:`evaluate_checkpoint` (retried: it reads storage)."""
+    return evaluate_checkpoint(
+        config,
+        storage,
+        checkpoint_url=checkpoint_url,
+        tables=tables,
+        features=features,
+        embeddings=embeddings,
+        image_size=image_size,
+        report_prefix=report_prefix,
+        baseline_checkpoints=baseline_checkpoints,
+    )
+
+
+def report_prefix(storage: Storage, run_name: str) -> str:
+    """``runs/<run>/reports`` under the storage root."""
+    return storage.url("runs", run_name, REPORTS_DIR)

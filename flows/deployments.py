@@ -1,0 +1,130 @@
+"""The ``lesa/full-pipeline`` deployment, served from this repository.
+
+    python -m flows.deployments [--config configs/default.yaml] [--cron "0 3 * * *"]
+
+registers the deployment (flow ``lesa``, deployment ``full-pipeline``) with the Prefect server
+at ``PREFECT_API_URL`` and runs its flow runs in this process until stopped. Runs start from
+``prefect deployment run lesa/full-pipeline -p config=... -p overrides='{...}'``, from the UI,
+from the optional cron schedule, or from the trigger on ``lesa.labels.updated`` (emitted by
+``python -m flows.watch``), which passes the watched config and the change along. With
+``--watch-every SECONDS`` the label watcher is served too, as ``lesa-watch-labels/poll`` on an
+interval schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from
+from flows.full_pipeline import lesa
+from flows.watch import watch_labels
+from tasks.config import ConfigError, load_config
+from tasks.events import LABELS_UPDATED_EVENT, RESOURCE_PREFIX
+
+DEPLOYMENT_NAME = "full-pipeline"
+WATCH_DEPLOYMENT_NAME = "poll"
+
+
+def labels_updated_trigger() -> DeploymentEventTrigger:
+    """Run the pipeline on the config named in a ``lesa.labels.updated`` event."""
+    return DeploymentEventTrigger(
+        name="lesa: retrain or rescore on new labels",
+        expect={LABELS_UPDATED_EVENT},
+        match={"prefect.resource.id": f"{RESOURCE_PREFIX}*"},
+        parameters={
+            "config": "{{ event.payload.config }}",
+            "overrides": "{{ event.payload.overrides }}",
+            "labels_update": "{{ event.payload }}",
+        },
+    )
+
+
+def build_deployments(
+    *,
+    config: str = DEFAULT_CONFIG,
+    overrides: dict[str, Any] | None = None,
+    cron: str | None = None,
+    watch_every: float | None = None,
+) -> list[RunnerDeployment]:
+    """The deployments this repository serves, with their default parameters."""
+    parameters = {"config": config, "overrides": overrides or {}}
+    deployments = [
+        lesa.to_deployment(
+            name=DEPLOYMENT_NAME,
+            parameters=parameters,
+            triggers=[labels_updated_trigger()],
+            cron=cron,
+            concurrency_limit=1,
+            description="LESA: dataset -> features -> embeddings -> train -> evaluate",
+            tags=["lesa"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+    ]
+    if watch_every is not None:
+        deployments.append(
+            watch_labels.to_deployment(
+                name=WATCH_DEPLOYMENT_NAME,
+                parameters=parameters,
+                interval=timedelta(seconds=watch_every),
+                description="Emit lesa.labels.updated when the label table or vocabulary changes",
+                tags=["lesa"],
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
+    return deployments
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.deployments",
+        description=(
+            "Serve the lesa/full-pipeline deployment (flow 'lesa') with its trigger on the "
+            f"'{LABELS_UPDATED_EVENT}' event, against the Prefect server at PREFECT_API_URL. "
+            "Runs execute in this process until Ctrl-C."
+        ),
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--cron", help='optional schedule, e.g. "0 3 * * *" (nightly at 03:00)')
+    parser.add_argument(
+        "--watch-every",
+        type=float,
+        metavar="SECONDS",
+        help="also serve the label watcher (lesa-watch-labels/poll) on this interval",
+    )
+    parser.add_argument("--limit", type=int, default=1, help="concurrent runs (default: 1)")
+    args = parser.parse_args(argv)
+    overrides = overrides_from(parser, args.overrides)
+    try:
+        load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "warning: PREFECT_API_URL is not set; serving against a temporary local API that "
+            "nothing else can reach (start one with: python -m infra.local_stack)",
+            file=sys.stderr,
+        )
+    serve(
+        *build_deployments(
+            config=args.config,
+            overrides=overrides,
+            cron=args.cron,
+            watch_every=args.watch_every,
+        ),
+        limit=args.limit,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

