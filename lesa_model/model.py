@@ -99,8 +99,9 @@ class LESA(nn.Module):
         self.adapter = FeatureAdapter(dim, self.grid) if cfg.feature_adapter else None
         self.first_layer: nn.Module | None = None
         if cfg.pooling == "attention" and cfg.first_layer == "per-module":
-            # All modules' W1 side by side: one (D, M*H) matmul instead of M small ones.
-            self.w1 = nn.Parameter(torch.empty(dim, modules * hidden))
+            # W1 (M, D, H) and w2 (M, H): two batched matmuls over modules, no (B, R, M, H)
+            # elementwise product to store for the backward pass.
+            self.w1 = nn.Parameter(torch.empty(modules, dim, hidden))
             self.w2 = nn.Parameter(torch.empty(modules, hidden))
             # Glorot-uniform per module: W1_m is (D, H), w2_m is (H, 1).
             nn.init.uniform_(self.w1, -math.sqrt(6 / (dim + hidden)), math.sqrt(6 / (dim + hidden)))
@@ -121,13 +122,12 @@ class LESA(nn.Module):
 
     def attention_logits(self, regions: torch.Tensor) -> torch.Tensor:
         """e (B, M, R) of Eq. 3: ``tanh(F W1_m) w2_m`` per module."""
-        batch, count, _ = regions.shape
+        batch, count, dim = regions.shape
         if self.first_layer is None:
-            hidden = torch.tanh(regions @ self.w1).view(batch, count, self.num_modules, self.hidden)
-            logits = (hidden * self.w2).sum(dim=-1)
-        else:
-            logits = self.second_layer(torch.tanh(self.first_layer(regions)))
-        return logits.transpose(1, 2)
+            hidden = torch.tanh(regions.reshape(1, batch * count, dim) @ self.w1)  # (M, B*R, H)
+            logits = (hidden @ self.w2.unsqueeze(-1)).view(self.num_modules, batch, count)
+            return logits.transpose(0, 1)
+        return self.second_layer(torch.tanh(self.first_layer(regions))).transpose(1, 2)
 
     def forward(self, features: torch.Tensor, label_vectors: torch.Tensor) -> LesaOutput:
         """Score each label of ``label_vectors`` (C, d) in each image of ``features`` (B, R, D)."""

@@ -45,11 +45,10 @@ def test_paper_model_equals_module_by_module_loop(inputs) -> None:
     features, vectors = inputs
     model = LESA(D, d, ModelConfig(num_modules=3, hidden_dim=5)).requires_grad_(False)
     out = model(features, vectors)
-    w1 = model.w1.view(D, 3, 5)
     theta = vectors @ model.label_projection.weight.T
     for i in range(B):
         for m in range(3):
-            e = torch.tanh(features[i] @ w1[:, m]) @ model.w2[m]
+            e = torch.tanh(features[i] @ model.w1[m]) @ model.w2[m]
             alpha = torch.softmax(e, dim=0)
             z = (alpha[:, None] * features[i]).sum(0)
             torch.testing.assert_close(out.logits[i, m], e)

@@ -1,0 +1,54 @@
+"""The machine's fp32 matmul rate: the ceiling other benchmarks compare their FLOP rate with.
+
+Measured in the same run as the benchmark, so a loaded or throttled machine moves the ceiling and
+the measured rate together and their ratio stays meaningful.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_gflops(
+    seconds: float = 1.0, *, device: str = "cpu", size: int | None = None
+) -> float:
+    """Best sustained GFLOP/s of square fp32 matmuls over about ``seconds`` of repeats.
+
+    On CUDA, TF32 is disabled for the measurement so the figure is true fp32.
+    """
+    target = torch.device(device)
+    n = size or (8192 if target.type == "cuda" else 1024)
+    generator = torch.Generator(device=target).manual_seed(0)
+    a = torch.randn(n, n, device=target, generator=generator)
+    b = torch.randn(n, n, device=target, generator=generator)
+    out = torch.empty(n, n, device=target)
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        torch.mm(a, b, out=out)  # warm-up
+        _synchronise(target)
+        best = 0.0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            for _ in range(4):
+                torch.mm(a, b, out=out)
+            _synchronise(target)
+            elapsed = time.perf_counter() - start
+            best = max(best, 4 * 2 * n**3 / elapsed / 1e9)
+        return best
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+
+
+if __name__ == "__main__":
+    print(
+        f"fp32 matmul: {measure_matmul_gflops():.1f} GFLOP/s on {torch.get_num_threads()} threads"
+    )
