@@ -239,9 +239,9 @@ def _worker_backbone(config: FeaturesConfig, device: torch.device, storage: Stor
             preprocessing=config.preprocessing,
             open_weights=storage.local_copy,
         )
-        backbone.module.to(device)
+        backbone.module.to(device, memory_format=torch.channels_last)
         if device.type == "cuda":
-            backbone.module.half().to(memory_format=torch.channels_last)
+            backbone.module.half()
         _BACKBONES.clear()
         _BACKBONES[key] = backbone
     return _BACKBONES[key]
@@ -272,10 +272,14 @@ def _load_image(
 
 
 def _run_backbone(backbone: Backbone, batch: torch.Tensor, device: torch.device) -> np.ndarray:
-    """(B, 3, S, S) -> float32 (B, R, D) regions, row-major over the grid."""
-    batch = batch.to(device)
+    """(B, 3, S, S) -> float32 (B, R, D) regions, row-major over the grid.
+
+    Channels-last layout on every device: oneDNN's CPU convolutions run VGG-19 ~1.3x faster in
+    it, and CUDA tensor cores need it for half precision.
+    """
+    batch = batch.to(device).contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
-        batch = batch.half().contiguous(memory_format=torch.channels_last)
+        batch = batch.half()
     with torch.inference_mode():
         maps = backbone.module(batch)
     return maps.flatten(2).transpose(1, 2).float().cpu().numpy()
