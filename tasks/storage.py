@@ -24,6 +24,7 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback, TqdmCallback
 from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import SecretStr
@@ -31,6 +32,7 @@ from pydantic import SecretStr
 from lesa_model.config import StrictModel
 
 _CHUNK = 8 * 1024 * 1024
+_PROGRESS_BYTES = 64 * 1024 * 1024
 _TMP_MARKER = ".tmp-"
 
 
@@ -260,11 +262,14 @@ class Storage:
         local_path = Path(local_path)
         expected_size = local_path.stat().st_size
         expected_sha = _file_sha256(local_path)
+        name = local_path.name
         fs, path = self._resolve(url)
         tmp_path = _temporary_name(path)
         fs.makedirs(fs._parent(path), exist_ok=True)
         try:
-            fs.put_file(str(local_path), tmp_path)
+            fs.put_file(
+                str(local_path), tmp_path, callback=_progress(f"upload {name}", expected_size)
+            )
             tmp_url = self._to_url(url, tmp_path)
             actual_size = int(fs.size(tmp_path))
             if actual_size != expected_size:
@@ -287,7 +292,8 @@ class Storage:
         fs, path = self._resolve(url)
         tmp = Path(_temporary_name(str(local_path)))
         try:
-            fs.get_file(path, str(tmp))
+            progress = _progress(f"download {Path(path).name}", int(fs.size(path) or 0))
+            fs.get_file(path, str(tmp), callback=progress)
             os.replace(tmp, local_path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -339,6 +345,15 @@ class Storage:
             os.replace(tmp_path, path)
         else:
             fs.copy(tmp_path, path)
+
+
+def _progress(description: str, size: int) -> Callback:
+    """A byte progress bar for transfers big enough to be worth watching."""
+    if size < _PROGRESS_BYTES:
+        return DEFAULT_CALLBACK
+    return TqdmCallback(
+        tqdm_kwargs={"desc": description, "unit": "B", "unit_scale": True, "leave": False}
+    )
 
 
 def _temporary_name(path: str) -> str:
