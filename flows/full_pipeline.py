@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import flow, get_run_logger
 from rich.console import Console
@@ -23,13 +23,18 @@ from rich.console import Console
 from flows.artifacts import print_metrics, publish_run_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from
 from tasks.baselines import mean_pool_config
-from tasks.config import ConfigError, load_config
+from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.datasets import prepare_dataset_task
-from tasks.embeddings import embed_labels_task
-from tasks.evaluation import EvaluationResult, evaluate_checkpoint_task, report_prefix
-from tasks.features import extract_features_task, features_prefix
+from tasks.embeddings import EmbeddingResult, embed_labels_task
+from tasks.evaluation import (
+    EvaluationResult,
+    evaluate_checkpoint_task,
+    expected_metadata,
+    report_prefix,
+)
+from tasks.features import FeatureSet, extract_features_task, features_prefix
 from tasks.storage import Storage
-from tasks.training import TrainingOutcome, load_tables_task, train_model_task
+from tasks.training import DatasetTables, TrainingOutcome, load_tables_task, train_model_task
 
 FLOW_NAME = "lesa"
 
@@ -46,6 +51,29 @@ def summary_lines(
     lines.extend(f"- {line}" for line in training.describe())
     lines.extend(f"- {line}" for line in evaluation.describe())
     return lines
+
+
+class PreparedInputs(NamedTuple):
+    """What training and evaluation consume: validated tables, features, label vectors."""
+
+    tables: DatasetTables
+    features: FeatureSet
+    embeddings: EmbeddingResult
+
+
+def prepare_inputs(cfg: PipelineConfig, storage: Storage) -> PreparedInputs:
+    """Dataset -> validated label table -> features -> label embeddings (each reused if done)."""
+    dataset = prepare_dataset_task(cfg.dataset, storage)
+    tables = load_tables_task(storage, dataset)
+    features = extract_features_task(
+        tables.labels,
+        dataset.images_prefix,
+        cfg.features,
+        storage,
+        features_prefix(storage, dataset.name, cfg.features),
+    )
+    embeddings = embed_labels_task(tables.vocabulary, cfg.embeddings, storage)
+    return PreparedInputs(tables, features, embeddings)
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -67,16 +95,7 @@ def lesa(
     storage = Storage(cfg.storage)
     logger.info("run %s: storage %s", cfg.run_name, storage.root)
 
-    dataset = prepare_dataset_task(cfg.dataset, storage)
-    tables = load_tables_task(storage, dataset)
-    features = extract_features_task(
-        tables.labels,
-        dataset.images_prefix,
-        cfg.features,
-        storage,
-        features_prefix(storage, dataset.name, cfg.features),
-    )
-    embeddings = embed_labels_task(tables.vocabulary, cfg.embeddings, storage)
+    tables, features, embeddings = prepare_inputs(cfg, storage)
     training = train_model_task(
         cfg, storage, tables=tables, features=features, embeddings=embeddings
     )
@@ -89,7 +108,7 @@ def lesa(
             features=features,
             embeddings=embeddings,
             model_config=mean_pool_config(cfg.model),
-            run_prefix=storage.url("runs", cfg.run_name, "baselines", "mean-pool"),
+            baseline="mean-pool",
         )
         baseline_checkpoints["mean-pool"] = mean_pool.checkpoints[cfg.evaluation.checkpoint]
     evaluation = evaluate_checkpoint_task(
@@ -102,6 +121,7 @@ def lesa(
         image_size=cfg.features.image_size,
         report_prefix=report_prefix(storage, cfg.run_name),
         baseline_checkpoints=baseline_checkpoints,
+        expected_metadata=expected_metadata(cfg),
     )
 
     lines = summary_lines(training, evaluation, labels_update)

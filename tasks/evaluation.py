@@ -10,7 +10,7 @@ game measures whether each present label's attention peaks inside its box.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
@@ -29,9 +29,12 @@ from tasks.backbones import resize_side
 from tasks.baselines import BaselineName, random_ranking
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
-from tasks.features import FeatureSet, resolve_uri
+from tasks.features import FeatureSet, feature_key, resolve_uri
 from tasks.storage import Storage
 from tasks.training import DatasetTables, embedded, retry_unless_bad_input, split_source
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 REPORTS_DIR = "reports"
 
@@ -91,8 +94,27 @@ class EvaluationResult(BaseModel):
         return lines
 
 
-def _load_checkpoint(storage: Storage, url: str) -> LESA:
-    model, _ = load_model(storage.local_copy(url))
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was trained on other features or word vectors than the run provides."""
+
+
+def _load_checkpoint(
+    storage: Storage, url: str, expected: Mapping[str, object] | None = None
+) -> LESA:
+    """Load a checkpoint, refusing one whose metadata contradicts ``expected``.
+
+    A model trained on other features (backbone, preprocessing) or other word vectors would
+    score, but meaninglessly; the metadata written at training time makes that detectable.
+    """
+    if not storage.exists(url):
+        raise FileNotFoundError(f"checkpoint not found: {url}")
+    model, metadata = load_model(storage.local_copy(url))
+    for key, value in (expected or {}).items():
+        if key in metadata and metadata[key] != value:
+            raise CheckpointMismatchError(
+                f"checkpoint {url} was trained with {key} = {metadata[key]!r}, but this run "
+                f"has {value!r}; evaluate it with the config it was trained with"
+            )
     return model
 
 
@@ -165,11 +187,14 @@ def evaluate_checkpoint(
     image_size: int,
     report_prefix: str,
     baseline_checkpoints: Mapping[str, str] | None = None,
+    expected_metadata: Mapping[str, object] | None = None,
 ) -> EvaluationResult:
     """Score the test split with a checkpoint, compute ZSL/GZSL metrics, write the report.
 
     ``baseline_checkpoints`` maps a model baseline (``mean-pool``) to its checkpoint URL;
     ``random`` needs none. ``image_size`` is the backbone input size (for the pointing game).
+    ``expected_metadata`` (e.g. ``feature_key``, ``embedding_source``) must match what the
+    checkpoint recorded at training time.
     """
     seen = embedded(tables.seen_labels, embeddings)
     unseen = embedded(tables.unseen_labels, embeddings)
@@ -185,7 +210,7 @@ def evaluate_checkpoint(
     unseen_columns = np.arange(len(seen), len(names))
     is_seen = np.arange(len(names)) < len(seen)
 
-    model = _load_checkpoint(storage, checkpoint_url)
+    model = _load_checkpoint(storage, checkpoint_url, expected_metadata)
     scores = score(model, test, vectors, batch_size=config.batch_size)
     ks = [k for k in config.ks if k <= len(unseen)] or [min([*config.ks, len(unseen)])]
     metrics = evaluate_zero_shot(scores, test.labels, seen_columns, unseen_columns, ks)
@@ -197,6 +222,7 @@ def evaluate_checkpoint(
         columns=(seen_columns, unseen_columns),
         ks=ks,
         checkpoints=baseline_checkpoints or {},
+        expected=expected_metadata,
     )
     label_ap = reports.label_ap_table(scores, test.labels, names, is_seen)
     curve = reports.topk_curve(scores, test.labels, is_seen)
@@ -243,13 +269,14 @@ def _baseline_metrics(
     columns: tuple[np.ndarray, np.ndarray],
     ks: Sequence[int],
     checkpoints: Mapping[str, str],
+    expected: Mapping[str, object] | None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     results = {}
     for name in config.baselines:
         if name == "random":
             scores = random_ranking(test.num_images, len(vectors), seed=config.seed)
         elif name in checkpoints:
-            model = _load_checkpoint(storage, checkpoints[name])
+            model = _load_checkpoint(storage, checkpoints[name], expected)
             scores = score(model, test, vectors, batch_size=config.batch_size)
         else:
             raise ValueError(f"baseline {name!r} needs a trained checkpoint; none was given")
@@ -275,6 +302,7 @@ def evaluate_checkpoint_task(
     image_size: int,
     report_prefix: str,
     baseline_checkpoints: Mapping[str, str] | None = None,
+    expected_metadata: Mapping[str, object] | None = None,
 ) -> EvaluationResult:
     """Prefect wrapper of :func:`evaluate_checkpoint` (retried: it reads storage)."""
     return evaluate_checkpoint(
@@ -287,9 +315,18 @@ def evaluate_checkpoint_task(
         image_size=image_size,
         report_prefix=report_prefix,
         baseline_checkpoints=baseline_checkpoints,
+        expected_metadata=expected_metadata,
     )
 
 
 def report_prefix(storage: Storage, run_name: str) -> str:
     """``runs/<run>/reports`` under the storage root."""
     return storage.url("runs", run_name, REPORTS_DIR)
+
+
+def expected_metadata(config: PipelineConfig) -> dict[str, object]:
+    """What a checkpoint must have been trained on to be scored with ``config``'s inputs."""
+    return {
+        "feature_key": feature_key(config.features),
+        "embedding_source": config.embeddings.source,
+    }

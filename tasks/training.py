@@ -298,6 +298,17 @@ class CheckpointMirror:
                     del self._uploaded[name]
 
 
+def run_prefix(storage: Storage, run_name: str, baseline: str | None = None) -> str:
+    """``runs/<run>``, or ``runs/<run>/baselines/<baseline>`` for a baseline model."""
+    parts = ("runs", run_name, *(("baselines", baseline) if baseline else ()))
+    return storage.url(*parts)
+
+
+def checkpoint_url(storage: Storage, run_name: str, which: str, baseline: str | None = None) -> str:
+    """URL of a run's ``best`` or ``final`` checkpoint."""
+    return f"{run_prefix(storage, run_name, baseline)}/{CHECKPOINTS_DIR}/{which}.pt"
+
+
 def _is_local(storage: Storage) -> bool:
     return "://" not in storage.root or storage.root.startswith("file://")
 
@@ -343,17 +354,17 @@ def train_model(
     features: FeatureSet,
     embeddings: EmbeddingResult,
     model_config: ModelConfig | None = None,
-    run_prefix: str | None = None,
+    baseline: str | None = None,
     progress: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainingOutcome:
     """Train LESA (or reuse a finished identical run) and return its checkpoint URLs.
 
-    ``model_config`` and ``run_prefix`` let the same stage train a baseline model (e.g. the
-    mean-pool one) into its own folder under the run. ``progress`` receives the trainer's
+    ``model_config`` and ``baseline`` let the same stage train a baseline model (e.g. the
+    mean-pool one) into ``runs/<run>/baselines/<baseline>/``. ``progress`` receives the trainer's
     history records (step, losses, validation scores) as they happen.
     """
     model_config = model_config or config.model
-    prefix = (run_prefix or storage.url("runs", config.run_name)).rstrip("/")
+    prefix = run_prefix(storage, config.run_name, baseline)
     checkpoints_prefix = f"{prefix}/{CHECKPOINTS_DIR}"
     record_url = f"{checkpoints_prefix}/{RECORD_FILE}"
 
@@ -491,13 +502,15 @@ def train_model_task(
     features: FeatureSet,
     embeddings: EmbeddingResult,
     model_config: ModelConfig | None = None,
-    run_prefix: str | None = None,
+    baseline: str | None = None,
 ) -> TrainingOutcome:
     """Prefect wrapper of :func:`train_model`; a retry resumes from the last checkpoint.
 
     Training progress shows in the UI as a progress artifact.
     """
-    reporter = _ProgressArtifact(config.train.steps, f"training {run_prefix or config.run_name}")
+    reporter = _ProgressArtifact(
+        config.train.steps, f"training {config.run_name} {baseline or 'LESA'}"
+    )
     return train_model(
         config,
         storage,
@@ -505,7 +518,7 @@ def train_model_task(
         features=features,
         embeddings=embeddings,
         model_config=model_config,
-        run_prefix=run_prefix,
+        baseline=baseline,
         progress=reporter,
     )
 

@@ -1,0 +1,141 @@
+"""Evaluate a trained checkpoint locally: ZSL / GZSL table, report files, UI artifacts.
+
+    python -m flows.evaluate --config configs/default.yaml                # the run's best.pt
+    python -m flows.evaluate --config configs/default.yaml --checkpoint final
+    python -m flows.evaluate --config configs/default.yaml --checkpoint s3://bucket/x/best.pt
+
+The dataset, features and label embeddings of the config are reused (computed if missing); the
+checkpoint must have been trained on the same features and word vectors (its metadata says).
+Labels added to the vocabulary since training are scored zero-shot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow, get_run_logger
+from rich.console import Console
+
+from flows.artifacts import print_metrics, publish_run_artifacts
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from
+from flows.full_pipeline import prepare_inputs
+from tasks.config import ConfigError, load_config
+from tasks.evaluation import evaluate_checkpoint_task, expected_metadata, report_prefix
+from tasks.storage import Storage
+from tasks.training import checkpoint_url
+
+CHECKPOINT_CHOICES = ("best", "final")
+
+
+@flow(name="lesa-evaluate", log_prints=True)
+def evaluate(
+    config: str = DEFAULT_CONFIG,
+    overrides: dict[str, Any] | None = None,
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """Score one checkpoint on the config's test split and write its report.
+
+    Args:
+        config: path or URL of the YAML run config.
+        overrides: config values to replace (dotted keys or nested sections).
+        checkpoint: ``best``, ``final`` (the run's own checkpoints) or a checkpoint path/URL;
+            default: ``evaluation.checkpoint`` of the config.
+    """
+    logger = get_run_logger()
+    cfg = load_config(config, overrides)
+    storage = Storage(cfg.storage)
+    which = checkpoint or cfg.evaluation.checkpoint
+    url = checkpoint_url(storage, cfg.run_name, which) if which in CHECKPOINT_CHOICES else which
+    if not storage.exists(url):
+        raise FileNotFoundError(
+            f"checkpoint not found: {url} (train first: python -m flows.full_pipeline "
+            f"--config {config})"
+        )
+    baselines = {}
+    for name in cfg.evaluation.baselines:
+        if name == "random":
+            continue
+        candidate = checkpoint_url(
+            storage,
+            cfg.run_name,
+            which if which in CHECKPOINT_CHOICES else cfg.evaluation.checkpoint,
+            baseline=name,
+        )
+        if storage.exists(candidate):
+            baselines[name] = candidate
+        else:
+            logger.warning("no %s baseline checkpoint at %s; leaving it out", name, candidate)
+    evaluation_cfg = cfg.evaluation.model_copy(
+        update={
+            "baselines": [b for b in cfg.evaluation.baselines if b == "random" or b in baselines]
+        }
+    )
+    tables, features, embeddings = prepare_inputs(cfg, storage)
+    result = evaluate_checkpoint_task(
+        evaluation_cfg,
+        storage,
+        checkpoint_url=url,
+        tables=tables,
+        features=features,
+        embeddings=embeddings,
+        image_size=cfg.features.image_size,
+        report_prefix=report_prefix(storage, cfg.run_name),
+        baseline_checkpoints=baselines,
+        expected_metadata=expected_metadata(cfg),
+    )
+    lines = [f"- {line}" for line in result.describe()]
+    publish_run_artifacts(
+        run_name=cfg.run_name,
+        metrics=result.metrics,
+        summary_lines=lines,
+        report_markdown=result.report_markdown,
+        report_urls=result.report_urls,
+    )
+    return {
+        "run_name": cfg.run_name,
+        "metrics": result.metrics,
+        "summary": lines,
+        "checkpoint": url,
+        "reports": result.report_urls,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.evaluate",
+        description=(
+            "Evaluate a trained LESA checkpoint on the test split of a run config: ZSL and GZSL "
+            "mAP and P/R/F1@K printed as a table and written as a report (metrics.json, "
+            "report.md, PNG plots) under runs/<run>/reports/."
+        ),
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--checkpoint",
+        metavar="best|final|PATH_OR_URL",
+        help="which checkpoint (default: evaluation.checkpoint of the config)",
+    )
+    args = parser.parse_args(argv)
+    overrides = overrides_from(parser, args.overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate(config=args.config, overrides=overrides, checkpoint=args.checkpoint)
+    except Exception as exc:
+        print(f"error: evaluation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    console = Console()
+    print_metrics(result["metrics"], title=f"LESA run {cfg.run_name} (evaluation)", console=console)
+    for line in result["summary"]:
+        console.print(line, markup=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
