@@ -51,6 +51,18 @@ def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> No
     assert whole[1] == chunked[1]
 
 
+def test_inputs_are_not_modified_whatever_their_layout() -> None:
+    scores, labels = _random_problem(6, c=8)
+    expected = evaluate_zero_shot(scores, labels, [0, 1, 2, 3], [4, 5, 6, 7], ks=(2,))
+    fortran = np.asfortranarray(scores)
+    assert evaluate_zero_shot(fortran, labels, [0, 1, 2, 3], [4, 5, 6, 7], ks=(2,)) == expected
+    np.testing.assert_array_equal(fortran, scores)
+    view = scores[:, ::2]
+    before = view.copy()
+    average_precision(view, labels[:, ::2])
+    np.testing.assert_array_equal(view, before)
+
+
 def test_hand_computed_f1_at_k() -> None:
     scores = np.array(
         [
