@@ -1,0 +1,259 @@
+"""End to end on real services: a Prefect server and moto's S3 server on 127.0.0.1.
+
+The deployments are served by ``python -m flows.deployments`` exactly as a user would, runs are
+started with the ``prefect`` CLI, the new-labels event comes from ``python -m flows.watch``,
+and everything the pipeline writes goes to ``s3://``. The three tests share one storage prefix
+and run in file order: the event test reuses the first run's features and model, and the
+evaluate test scores the checkpoint the first run wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pandas as pd
+import pytest
+
+from tasks.storage import Storage, StorageConfig
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.yaml")
+BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 420
+NEW_UNSEEN = ["chandelier", "wardrobe", "harpsichord", "stapler", "lampshade", "sofa"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(process: subprocess.Popen[Any], timeout: float = 60) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Services:
+    """Where the services are and the environment that points a process at them."""
+
+    def __init__(self, api_url: str, env: dict[str, str], root: str, logs: Path) -> None:
+        self.api_url = api_url
+        self.env = env
+        self.root = root
+        self.logs = logs
+        self.http = httpx.Client(base_url=api_url, timeout=30)
+
+    def run(self, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def flow_run(self, run_id: str) -> dict[str, Any]:
+        return self.http.get(f"/flow_runs/{run_id}").raise_for_status().json()
+
+    def deployment(self) -> dict[str, Any] | None:
+        response = self.http.get("/deployments/name/lesa/full-pipeline")
+        return response.json() if response.status_code == 200 else None
+
+    def deployment_runs(self, deployment_id: str) -> list[dict[str, Any]]:
+        body = {
+            "flow_runs": {"deployment_id": {"any_": [deployment_id]}},
+            "sort": "START_TIME_DESC",
+        }
+        return self.http.post("/flow_runs/filter", json=body).raise_for_status().json()
+
+    def artifacts(self, run_id: str) -> dict[str, dict[str, Any]]:
+        body = {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+        found = self.http.post("/artifacts/filter", json=body).raise_for_status().json()
+        return {artifact["key"]: artifact for artifact in found if artifact["key"]}
+
+    def storage(self) -> Storage:
+        return Storage(StorageConfig(root=self.root, endpoint_url=self.env["AWS_ENDPOINT_URL"]))
+
+
+@pytest.fixture(scope="module")
+def services(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """A Prefect server (local stack, temporary home) and a serve process for the deployments."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    logs = tmp_path_factory.mktemp("logs")
+    port = free_port()
+    state_file = home / "stack.json"
+    base_env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    stack = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "infra.local_stack", "--services", "prefect"),
+            *("--prefect-port", str(port), "--home", str(home / "server")),
+            *("--state-file", str(state_file)),
+        ],
+        cwd=REPO,
+        env=base_env,
+        stdout=open(logs / "stack.log", "w"),  # noqa: SIM115 - closed with the process
+        stderr=subprocess.STDOUT,
+    )
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **base_env,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(home / "client"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache")),
+    }
+    root = f"s3://{s3_server.bucket}/e2e-{uuid.uuid4().hex[:8]}"
+    serve = None
+    try:
+        deadline = time.monotonic() + 120
+        while not state_file.exists():
+            assert stack.poll() is None, (logs / "stack.log").read_text()
+            assert time.monotonic() < deadline, "Prefect server did not start"
+            time.sleep(0.5)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.deployments", "--limit", "2"],
+            cwd=REPO,
+            env=env,
+            stdout=open(logs / "serve.log", "w"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+        )
+        found = Services(api_url, env, root, logs)
+        while found.deployment() is None:
+            assert serve.poll() is None, (logs / "serve.log").read_text()
+            assert time.monotonic() < deadline + 60, "deployment was not registered"
+            time.sleep(1)
+        yield found
+    finally:
+        if serve is not None:
+            stop(serve)
+        stack.send_signal(signal.SIGTERM)
+        stack.wait(60)
+
+
+def wait_for_final_state(services: Services, run_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = services.flow_run(run_id)
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        assert time.monotonic() < deadline, f"run {run_id} still {run['state_type']}"
+        time.sleep(2)
+
+
+def test_deployment_run_on_s3_completes_with_metrics_artifact(services: Services) -> None:
+    started = time.monotonic()
+    done = services.run(
+        str(BIN / "prefect"),
+        *("deployment", "run", "lesa/full-pipeline"),
+        *("-p", f"config={TINY}"),
+        *("-p", "overrides=" + json.dumps({"storage": {"root": services.root}})),
+        *("--watch", "--watch-timeout", str(RUN_TIMEOUT_S)),
+    )
+    output = done.stdout + done.stderr
+    run_id = output.split("UUID:")[1].split()[0]
+    run = wait_for_final_state(services, run_id, 30)
+    assert run["state_type"] == "COMPLETED", (services.logs / "serve.log").read_text()[-5000:]
+    print(f"deployment run completed in {time.monotonic() - started:.0f} s")
+
+    artifacts = services.artifacts(run_id)
+    assert {"lesa-metrics", "lesa-summary", "lesa-report"} <= set(artifacts)
+    rows = artifacts["lesa-metrics"]["data"]
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    settings = {(row["method"], row["setting"]) for row in rows}
+    assert {("LESA", "ZSL"), ("LESA", "GZSL"), ("random", "ZSL")} <= settings
+    assert all(0 <= row["mAP"] <= 100 for row in rows)
+
+    bucket, prefix = services.root.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=services.env["AWS_ENDPOINT_URL"])
+    keys = {
+        item["Key"].removeprefix(prefix + "/")
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for item in page.get("Contents", [])
+    }
+    assert {
+        "runs/tiny/checkpoints/final.pt",
+        "runs/tiny/checkpoints/best.pt",
+        "runs/tiny/checkpoints/training.json",
+        "runs/tiny/reports/metrics.json",
+        "datasets/emoji-tiny/labels.parquet",
+    } <= keys
+    assert any(key.startswith("features/emoji-tiny/") and key.endswith(".h5") for key in keys)
+
+
+def add_unseen_labels(storage: Storage, count: int) -> list[str]:
+    """A new vocabulary version: ``count`` new unseen labels, present in a few test images."""
+    vocabulary_url = storage.url("datasets", "emoji-tiny", "vocabulary.parquet")
+    labels_url = storage.url("datasets", "emoji-tiny", "labels.parquet")
+    vocabulary = storage.read_parquet(vocabulary_url)
+    new = [label for label in NEW_UNSEEN if label not in set(vocabulary["label"])][:count]
+    extra = vocabulary.iloc[: len(new)].copy()
+    extra["label"], extra["seen"], extra["tokens"] = new, False, new
+    storage.write_parquet(vocabulary_url, pd.concat([vocabulary, extra], ignore_index=True))
+    table = storage.read_parquet(labels_url)
+    test_rows = table.index[table["split"] == "test"][:3]
+    for row in test_rows:
+        table.at[row, "positives"] = [*table.at[row, "positives"], *new]
+    storage.write_parquet(labels_url, table)
+    return new
+
+
+def test_new_labels_event_triggers_a_zero_shot_run(services: Services) -> None:
+    watch = (sys.executable, "-m", "flows.watch", "--config", TINY)
+    watch += ("--set", f"storage.root={services.root}")
+    baseline = services.run(*watch, timeout=180)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+
+    new = add_unseen_labels(services.storage(), 2)
+    deployment_id = services.deployment()["id"]
+    before = {run["id"] for run in services.deployment_runs(deployment_id)}
+    emitted = services.run(*watch, timeout=180)
+    assert emitted.returncode == 0, emitted.stderr[-3000:]
+    assert "unseen labels added" in emitted.stdout + emitted.stderr
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    triggered: list[dict[str, Any]] = []
+    while not triggered:
+        assert time.monotonic() < deadline, "no run was triggered by lesa.labels.updated"
+        time.sleep(2)
+        triggered = [r for r in services.deployment_runs(deployment_id) if r["id"] not in before]
+    run = wait_for_final_state(services, triggered[0]["id"], RUN_TIMEOUT_S)
+    assert run["state_type"] == "COMPLETED", (services.logs / "serve.log").read_text()[-5000:]
+    update = run["parameters"]["labels_update"]["update"]
+    assert update["added_unseen"] == new
+    assert update["kind"] == "unseen-only"
+    summary = services.artifacts(run["id"])["lesa-summary"]["data"]
+    assert "reused the finished run" in summary
+    assert "scored zero-shot without retraining" in summary
+    for label in new:
+        assert label in summary
+
+
+def test_evaluate_cli_scores_the_earlier_checkpoint(services: Services) -> None:
+    done = services.run(
+        sys.executable,
+        *("-m", "flows.evaluate", "--config", TINY, "--checkpoint", "final"),
+        *("--set", f"storage.root={services.root}"),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "runs/tiny/checkpoints/final.pt" in done.stdout
+    lines = [line for line in done.stdout.splitlines() if "LESA" in line]
+    assert any("ZSL" in line and "GZSL" not in line for line in lines)
+    assert any("GZSL" in line for line in lines)
