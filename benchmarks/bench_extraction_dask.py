@@ -55,7 +55,7 @@ def main() -> None:
                 backbone=args.backbone,
                 weights=weights,
                 shard_size=args.shard_size,
-                dask=DaskConfig(address=c.scheduler_info()["address"]),
+                dask=DaskConfig(address=c.scheduler_info()["address"], dashboard=False),
             )
             warm = table.iloc[: 2 * args.shard_size]
             extract_features(warm, images, config, storage, storage.url("warm-dask"))

@@ -250,6 +250,7 @@ def _shard_files(storage: Storage, prefix: str) -> dict[str, Path]:
     return {Path(url).name: Path(url) for url in storage.ls(prefix) if url.endswith(".h5")}
 
 
+@pytest.mark.slow
 def test_deleting_one_shard_recomputes_exactly_that_shard(
     cluster: ClusterInfo, local_storage: Storage
 ) -> None:
@@ -467,3 +468,17 @@ def test_s3_round_trip_on_its_own_local_cluster(s3_server, tmp_path: Path) -> No
     again = extract_features(table, storage.url("images"), unreachable, storage, out)
     assert again == result
     pd.testing.assert_frame_equal(storage.read_parquet(again.manifest_url), manifest)
+
+
+def test_threaded_local_cluster_in_this_process(local_storage: Storage) -> None:
+    table = write_images(local_storage, 3)
+    config = small_config(
+        None,
+        torch_threads=torch.get_num_threads(),
+        dask=DaskConfig(n_workers=1, threads_per_worker=2, processes=False, dashboard=True),
+    )
+    result = extract_features(
+        table, local_storage.url("images"), config, local_storage, local_storage.url("threads")
+    )
+    assert result.num_images == 3
+    assert len(_shard_files(local_storage, local_storage.url("threads"))) == 2
