@@ -71,6 +71,7 @@ __all__ = [
     "feature_key",
     "features_prefix",
     "plan_shards",
+    "region_features",
 ]
 
 log = logging.getLogger(__name__)
@@ -273,12 +274,16 @@ def _load_image(
         return error.reason, error.detail
 
 
-def _run_backbone(backbone: Backbone, batch: torch.Tensor, device: torch.device) -> np.ndarray:
-    """(B, 3, S, S) -> float32 (B, R, D) regions, row-major over the grid.
+def region_features(
+    backbone: Backbone, batch: torch.Tensor, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Preprocessed images (B, 3, S, S) -> float32 regions (B, R, D), row-major over the grid
+    (region r = cell (r // w, r % w)); the one definition of the region layout.
 
     Channels-last layout on every device: oneDNN's CPU convolutions run VGG-19 ~1.3x faster in
     it, and CUDA tensor cores need it for half precision.
     """
+    device = torch.device(device)
     batch = batch.to(device).contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
         batch = batch.half()
@@ -352,7 +357,7 @@ def extract_shard(
                         log.info("rejected %s: %s (%s)", plan.uris[position], *result)
                 if not tensors:
                     continue
-                values = _run_backbone(backbone, torch.stack(tensors), device)
+                values = region_features(backbone, torch.stack(tensors), device)
                 stored = values.astype(config.dtype)
                 if not np.isfinite(stored).all():
                     raise ExtractionError(

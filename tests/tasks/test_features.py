@@ -38,6 +38,7 @@ from tasks.features import (
     extract_shard,
     feature_key,
     plan_shards,
+    region_features,
 )
 from tasks.images import decode_image
 from tasks.storage import Storage, StorageConfig
@@ -230,6 +231,19 @@ def test_extract_shard_in_process_matches_the_backbone(local_storage: Storage) -
         for number, uri in enumerate(plan.uris):
             expected = reference_features(backbone, Path(uri).read_bytes())
             np.testing.assert_allclose(shard["features"][number], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_region_features_are_the_grid_cells_in_row_major_order() -> None:
+    backbone = load_backbone("efficientnet-lite0", weights="none", image_size=96)
+    batch = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        maps = backbone.module(batch).numpy()
+    got = region_features(backbone, batch)
+    assert got.shape == (2, 9, 1280)
+    for image in range(2):
+        for i in range(3):
+            for j in range(3):
+                np.testing.assert_allclose(got[image, i * 3 + j], maps[image, :, i, j], atol=1e-4)
 
 
 def test_invalid_label_table_fails_before_any_work(local_storage: Storage) -> None:
