@@ -106,6 +106,10 @@ def test_bad_input_is_named() -> None:
         average_precision(bad, labels)
     with pytest.raises(ValueError, match="NaN or inf"):
         precision_recall_f1_at_k(bad, labels, 2)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        evaluate_zero_shot(bad, labels, [0, 1], [2, 3], ks=(1,))
+    with pytest.raises(ValueError, match="1, -1 or 0"):
+        evaluate_zero_shot(scores, labels * 3, [0, 1], [2, 3], ks=(1,))
     with pytest.raises(ValueError, match="larger than the number of labels"):
         precision_recall_f1_at_k(scores, labels, 5)
     with pytest.raises(ValueError, match="shape"):
