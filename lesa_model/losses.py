@@ -3,16 +3,15 @@
 Labels are integers in {1, -1, 0}: present, absent, not annotated. Unannotated labels take part
 in no term. ``LossConfig.normalisation`` picks how each term is scaled:
 
-========  =====================================  =============================================
-term      "paper" (sum over the batch's images)  "release" (the authors' TF implementation)
-========  =====================================  =============================================
-rank      Eq. 11: hinge over (present, absent)   per image divided by its number of violating
-          pairs                                  pairs, then the batch mean
-div       Eq. 5: sum of cosines of e_m, e_n,     Frobenius norm of the off-diagonal cosine
-          m != n                                 matrix, batch mean
-rel       Eq. 6 over annotated labels            mean over the batch's annotated entries
-dist      Eq. 8-9: sum_m l_m^2                   mean_m l_m^2
-========  =====================================  =============================================
+- rank: Eq. 11, the hinge over (present, absent) pairs | per image divided by its number of
+  violating pairs, then the batch mean;
+- div: Eq. 5, the sum of cosines of e_m, e_n (m != n) | the Frobenius norm of the off-diagonal
+  cosine matrix, batch mean;
+- rel: Eq. 6 over annotated labels | the mean over the batch's annotated entries (the release's
+  normalisation of this term is not documented; this is our choice);
+- dist: Eq. 8-9, sum_m l_m^2 | mean_m l_m^2.
+
+Left of "|" is "paper" (sums over the batch's images), right is "release".
 
 The rank loss is computed without materialising the (B, C, C) pair tensor: for a present label
 o, ``sum_{o'} max(1 + s_o' - s_o, 0)`` is the sum of the absent scores above ``s_o - 1`` minus
