@@ -1,0 +1,213 @@
+"""Evaluation stage: metrics equal an independent computation (sklearn, loops); report written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import average_precision_score
+from test_training import SEEN, UNSEEN, Synthetic, synthetic, train
+
+from lesa_model.checkpoint import load_model
+from tasks.backbones import resize_side
+from tasks.baselines import mean_pool_config
+from tasks.evaluation import (
+    CheckpointMismatchError,
+    EvaluationConfig,
+    evaluate_checkpoint,
+    report_prefix,
+)
+from tasks.training import DatasetTables
+
+IMAGE = 40
+
+
+def reference_metrics(scores: np.ndarray, truth: np.ndarray, columns: list[int], k: int) -> dict:
+    """mAP with sklearn (no positive -> AP 0) and overall P/R/F1@k with plain loops."""
+    aps = []
+    for c in columns:
+        annotated = truth[:, c] != 0
+        positives = truth[annotated, c] == 1
+        aps.append(
+            average_precision_score(positives, scores[annotated, c]) if positives.any() else 0.0
+        )
+    hits = 0
+    for row_scores, row_truth in zip(scores[:, columns], truth[:, columns], strict=True):
+        top = sorted(range(len(columns)), key=lambda j: -row_scores[j])[:k]
+        hits += sum(row_truth[j] == 1 for j in top)
+    precision = hits / (len(scores) * k)
+    recall = hits / int((truth[:, columns] == 1).sum())
+    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    return {"mAP": float(np.mean(aps)), f"P@{k}": precision, f"R@{k}": recall, f"F1@{k}": f1}
+
+
+def features_from_shards(inputs: Synthetic) -> tuple[list[str], np.ndarray]:
+    """Test images' features read straight from the HDF5 shards, in table order."""
+    manifest = inputs.storage.read_parquet(inputs.features.manifest_url)
+    by_id = {}
+    for uri in manifest["shard_uri"]:
+        with h5py.File(inputs.storage.local_copy(uri), "r") as shard:
+            ids = shard["image_ids"].asstr()[:]
+            by_id.update(zip(ids, shard["features"][:], strict=True))
+    test = inputs.tables.split("test")
+    return test["image_id"].tolist(), np.stack([by_id[i] for i in test["image_id"]])
+
+
+def truth_matrix(tables: DatasetTables, ids: list[str], labels: list[str]) -> np.ndarray:
+    rows = tables.labels.set_index("image_id").loc[ids]
+    return np.array(
+        [[1 if label in positives else -1 for label in labels] for positives in rows["positives"]],
+        dtype=np.int8,
+    )
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> tuple[Synthetic, str]:
+    inputs = synthetic(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+    outcome = train(inputs)
+    return inputs, outcome.checkpoints["final"]
+
+
+def evaluate(inputs: Synthetic, checkpoint: str, **kwargs: object):
+    options = {
+        "config": EvaluationConfig(ks=[1, 2], baselines=["random"], pointing_pairs=0),
+        "checkpoint_url": checkpoint,
+        "image_size": 224,
+        "report_prefix": report_prefix(inputs.storage, "tiny"),
+    } | kwargs
+    config = options.pop("config")
+    return evaluate_checkpoint(
+        config,
+        inputs.storage,
+        tables=inputs.tables,
+        features=inputs.features,
+        embeddings=inputs.embeddings,
+        **options,
+    )
+
+
+def test_metrics_match_sklearn_and_loops(trained: tuple[Synthetic, str]) -> None:
+    inputs, checkpoint = trained
+    result = evaluate(inputs, checkpoint)
+    labels = SEEN + UNSEEN
+    ids, features = features_from_shards(inputs)
+    model, _ = load_model(checkpoint)
+    with torch.no_grad():
+        scores = model(
+            torch.from_numpy(features), torch.from_numpy(inputs.embeddings.vectors(labels))
+        ).scores.numpy()
+    truth = truth_matrix(inputs.tables, ids, labels)
+    unseen = [labels.index(label) for label in UNSEEN]
+    everything = list(range(len(labels)))
+    lesa = result.metrics["LESA"]
+    for k in (1, 2):
+        for setting, columns in (("zsl", unseen), ("gzsl", everything)):
+            expected = reference_metrics(scores, truth, columns, k)
+            for name, value in expected.items():
+                assert lesa[setting][name] == pytest.approx(value, abs=1e-6), (setting, name)
+    random_scores = np.random.default_rng(0).random(scores.shape, dtype=np.float32)
+    expected = reference_metrics(random_scores, truth, unseen, 2)
+    assert result.metrics["random"]["zsl"]["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    assert result.num_images == len(ids)
+    assert result.seen_labels == SEEN
+    assert result.unseen_labels == UNSEEN
+
+
+def test_report_files_and_summary(trained: tuple[Synthetic, str]) -> None:
+    inputs, checkpoint = trained
+    result = evaluate(inputs, checkpoint)
+    storage = inputs.storage
+    assert set(result.report_urls) >= {"metrics.json", "report.md"}
+    for url in result.report_urls.values():
+        assert storage.exists(url)
+    written = storage.read_json(result.report_urls["metrics.json"])["metrics"]
+    assert written["LESA"]["zsl"]["mAP"] == pytest.approx(result.metrics["LESA"]["zsl"]["mAP"])
+    assert "ZSL" in result.report_markdown
+    assert any("LESA ZSL mAP" in line for line in result.describe())
+
+
+def test_mean_pool_baseline_is_scored_from_its_checkpoint(trained: tuple[Synthetic, str]) -> None:
+    inputs, checkpoint = trained
+    baseline = train(
+        inputs, model_config=mean_pool_config(inputs.config.model), baseline="mean-pool"
+    )
+    assert "/baselines/mean-pool/checkpoints/" in baseline.checkpoints["final"]
+    result = evaluate(
+        inputs,
+        checkpoint,
+        config=EvaluationConfig(ks=[2], baselines=["mean-pool"], pointing_pairs=0),
+        baseline_checkpoints={"mean-pool": baseline.checkpoints["final"]},
+    )
+    assert set(result.metrics) == {"LESA", "mean-pool"}
+    assert result.metrics["mean-pool"] != result.metrics["LESA"]
+    with pytest.raises(ValueError, match="needs a trained checkpoint"):
+        evaluate(inputs, checkpoint, config=EvaluationConfig(ks=[2], baselines=["mean-pool"]))
+
+
+def test_a_checkpoint_from_other_features_is_refused(trained: tuple[Synthetic, str]) -> None:
+    inputs, checkpoint = trained
+    with pytest.raises(CheckpointMismatchError, match="feature_key"):
+        evaluate(inputs, checkpoint, expected_metadata={"feature_key": "vgg19-0000000000"})
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        evaluate(inputs, checkpoint + ".missing")
+
+
+def test_no_unseen_label_is_a_clear_error(trained: tuple[Synthetic, str]) -> None:
+    inputs, checkpoint = trained
+    vocabulary = inputs.tables.vocabulary.assign(seen=True)
+    tables = DatasetTables(
+        "synthetic", inputs.tables.labels, vocabulary, inputs.tables.images_prefix
+    )
+    inputs = Synthetic(inputs.config, inputs.storage, tables, inputs.features, inputs.embeddings)
+    with pytest.raises(ValueError, match="no unseen label"):
+        evaluate(inputs, checkpoint)
+
+
+def test_pointing_game_uses_each_pairs_selected_attention(trained: tuple[Synthetic, str]) -> None:
+    """Hits recomputed by hand: peak region of the selected module, centre inside the box."""
+    inputs, checkpoint = trained
+    storage = inputs.storage
+    test = inputs.tables.split("test")
+    rng = np.random.default_rng(1)
+    rows = []
+    Path(storage.url("images")).mkdir()
+    for image_id, positives in zip(test["image_id"], test["positives"], strict=True):
+        Image.new("RGB", (IMAGE, IMAGE)).save(Path(storage.url("images", f"{image_id}.jpg")))
+        for label in positives:
+            x0, y0 = rng.integers(0, IMAGE // 2, size=2)
+            rows.append((image_id, label, float(x0), float(y0), x0 + 20.0, y0 + 20.0))
+    boxes = pd.DataFrame(rows, columns=["image_id", "label", "x0", "y0", "x1", "y1"])
+    tables = DatasetTables(
+        "synthetic", inputs.tables.labels, inputs.tables.vocabulary, storage.url("images"), boxes
+    )
+    inputs = Synthetic(inputs.config, storage, tables, inputs.features, inputs.embeddings)
+    result = evaluate(
+        inputs, checkpoint, config=EvaluationConfig(ks=[2], baselines=[], pointing_pairs=1000)
+    )
+
+    labels = SEEN + UNSEEN
+    ids, features = features_from_shards(inputs)
+    model, _ = load_model(checkpoint)
+    with torch.no_grad():
+        output = model(
+            torch.from_numpy(features), torch.from_numpy(inputs.embeddings.vectors(labels))
+        )
+    crop = 224 / resize_side(224)
+    side = IMAGE * crop
+    offset = (IMAGE - side) / 2
+    hits = []
+    for image_id, label, x0, y0, x1, y1 in rows:
+        i, c = ids.index(image_id), labels.index(label)
+        weights = output.attention[i, output.selected[i, c]]
+        region = int(weights.argmax())
+        row, col = divmod(region, 2)
+        cx, cy = offset + (col + 0.5) * side / 2, offset + (row + 0.5) * side / 2
+        hits.append(x0 <= cx <= x1 and y0 <= cy <= y1)
+    assert result.pointing is not None
+    assert result.pointing["pairs"] == len(rows)
+    assert result.pointing["hit_rate"] == pytest.approx(np.mean(hits))
