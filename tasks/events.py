@@ -164,26 +164,33 @@ def record_version(config: PipelineConfig, storage: Storage, version: LabelVersi
     storage.write_json(state_url(storage, config.dataset.name), version.model_dump(mode="json"))
 
 
+def event_payload(
+    update: LabelsUpdate, *, config_source: str, overrides: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The event's payload: the watched config's location and overrides, and the change.
+
+    The deployment trigger passes ``config`` and ``overrides`` on as the run's parameters, so
+    the pipeline runs on exactly the configuration that was watched.
+    """
+    return {
+        "config": config_source,
+        "overrides": overrides or {},
+        "update": {**update.model_dump(mode="json"), "kind": update.kind},
+        "summary": update.describe(),
+    }
+
+
 def emit_labels_updated(
     update: LabelsUpdate, *, config_source: str, overrides: dict[str, Any] | None
 ) -> str | None:
-    """Publish ``update`` as a ``lesa.labels.updated`` event; returns the event id.
-
-    The payload carries the run config's location and overrides, so the deployment trigger can
-    start the pipeline on exactly the configuration that was watched.
-    """
+    """Publish ``update`` as a ``lesa.labels.updated`` event; returns the event id."""
     event = emit_event(
         event=LABELS_UPDATED_EVENT,
         resource={
             "prefect.resource.id": f"{RESOURCE_PREFIX}{update.dataset}",
             "prefect.resource.name": update.dataset,
         },
-        payload={
-            "config": config_source,
-            "overrides": overrides or {},
-            "update": {**update.model_dump(mode="json"), "kind": update.kind},
-            "summary": update.describe(),
-        },
+        payload=event_payload(update, config_source=config_source, overrides=overrides),
     )
     return None if event is None else str(event.id)
 

@@ -1,0 +1,92 @@
+"""Entry points: helpful --help, bad configs rejected before any work, the metrics table."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from flows.artifacts import metrics_rows, print_metrics
+from flows.full_pipeline import main as full_pipeline_main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ENTRY_POINTS = ["flows.full_pipeline", "flows.evaluate", "flows.deployments", "flows.watch"]
+
+METRICS = {
+    "LESA": {
+        "zsl": {"mAP": 0.1234, "P@3": 0.5, "R@3": 0.25, "F1@3": 1 / 3},
+        "gzsl": {"mAP": 0.05, "P@3": 0.2, "R@3": 0.1, "F1@3": 0.1333},
+    },
+    "random": {"zsl": {"mAP": 0.01}},
+}
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_help_explains_the_command(module: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert f"python -m {module}" in out
+    assert "--config" in out
+    assert "--set" in out
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_bad_config_fails_before_any_work(
+    module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    data["storage"]["root"] = str(tmp_path / "store")
+    data["train"]["lr"] = "fast"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    started = time.monotonic()
+    code = importlib.import_module(module).main(["--config", str(path)])
+    assert code == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert "train.lr: Input should be a valid number" in err
+    assert not (tmp_path / "store").exists()
+
+
+def test_missing_config_and_bad_override(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert full_pipeline_main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert (
+        full_pipeline_main(["--config", str(CONFIGS / "tiny.yaml"), "--set", "model.num_modules=0"])
+        == 2
+    )
+    assert "model.num_modules:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        full_pipeline_main(["--set", "no-equals-sign"])
+    assert done.value.code == 2
+    assert "key.path=value" in capsys.readouterr().err
+
+
+def test_metrics_rows_are_percentages_per_method_and_setting() -> None:
+    rows = metrics_rows(METRICS)
+    assert [(row["method"], row["setting"]) for row in rows] == [
+        ("LESA", "ZSL"),
+        ("LESA", "GZSL"),
+        ("random", "ZSL"),
+    ]
+    assert rows[0]["mAP"] == 12.34
+    assert rows[0]["F1@3"] == 33.33
+    assert rows[2]["P@3"] is None
+
+
+def test_printed_table_holds_every_number() -> None:
+    console = Console(record=True, width=120)
+    print_metrics(METRICS, title="run x", console=console)
+    text = console.export_text()
+    assert "run x" in text
+    for cell in ("12.34", "50.00", "25.00", "33.33", "5.00", "1.00"):
+        assert cell in text
+    assert "GZSL" in text
