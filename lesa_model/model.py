@@ -99,9 +99,8 @@ class LESA(nn.Module):
         self.adapter = FeatureAdapter(dim, self.grid) if cfg.feature_adapter else None
         self.first_layer: nn.Module | None = None
         if cfg.pooling == "attention" and cfg.first_layer == "per-module":
-            # W1 (M, D, H) and w2 (M, H): two batched matmuls over modules, no (B, R, M, H)
-            # elementwise product to store for the backward pass.
-            self.w1 = nn.Parameter(torch.empty(modules, dim, hidden))
+            # W1 of all modules side by side, (D, M*H): W1_m = w1[:, m*H:(m+1)*H].
+            self.w1 = nn.Parameter(torch.empty(dim, modules * hidden))
             self.w2 = nn.Parameter(torch.empty(modules, hidden))
             # Glorot-uniform per module: W1_m is (D, H), w2_m is (H, 1).
             nn.init.uniform_(self.w1, -math.sqrt(6 / (dim + hidden)), math.sqrt(6 / (dim + hidden)))
@@ -124,7 +123,9 @@ class LESA(nn.Module):
         """e (B, M, R) of Eq. 3: ``tanh(F W1_m) w2_m`` per module."""
         batch, count, dim = regions.shape
         if self.first_layer is None:
-            hidden = torch.tanh(regions.reshape(1, batch * count, dim) @ self.w1)  # (M, B*R, H)
+            # Batched over modules, (M, B*R, H): no (B, R, M, H) product kept for the backward.
+            per_module = self.w1.view(dim, self.num_modules, self.hidden).transpose(0, 1)
+            hidden = torch.tanh(regions.reshape(1, batch * count, dim) @ per_module)
             logits = (hidden @ self.w2.unsqueeze(-1)).view(self.num_modules, batch, count)
             return logits.transpose(0, 1)
         return self.second_layer(torch.tanh(self.first_layer(regions))).transpose(1, 2)

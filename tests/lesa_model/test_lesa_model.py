@@ -48,7 +48,7 @@ def test_paper_model_equals_module_by_module_loop(inputs) -> None:
     theta = vectors @ model.label_projection.weight.T
     for i in range(B):
         for m in range(3):
-            e = torch.tanh(features[i] @ model.w1[m]) @ model.w2[m]
+            e = torch.tanh(features[i] @ model.w1[:, m * 5 : (m + 1) * 5]) @ model.w2[m]
             alpha = torch.softmax(e, dim=0)
             z = (alpha[:, None] * features[i]).sum(0)
             torch.testing.assert_close(out.logits[i, m], e)
