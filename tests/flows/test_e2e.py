@@ -197,6 +197,43 @@ def test_deployment_run_on_s3_completes_with_metrics_artifact(services: Services
     assert any(key.startswith("features/emoji-tiny/") and key.endswith(".h5") for key in keys)
 
 
+def test_a_failing_stage_fails_the_run_with_its_reason(services: Services) -> None:
+    storage = services.storage()
+    manifests = [
+        url
+        for url in storage.ls(storage.url("features"), recursive=True)
+        if url.endswith("manifest.parquet")
+    ]
+    kept = {
+        url: storage.sha256(url)
+        for url in [*manifests, storage.url("datasets", "emoji-tiny", "dataset.json")]
+    }
+    missing = f"{services.root}/no-such-glove.txt"
+    overrides = {
+        "storage": {"root": services.root},
+        "embeddings": {"source": f"glove-file:{missing}"},
+    }
+    done = services.run(
+        str(BIN / "prefect"),
+        *("deployment", "run", "lesa/full-pipeline"),
+        *("-p", f"config={TINY}", "-p", "overrides=" + json.dumps(overrides)),
+        *("--watch", "--watch-timeout", str(RUN_TIMEOUT_S)),
+    )
+    run_id = (done.stdout + done.stderr).split("UUID:")[1].split()[0]
+    run = wait_for_final_state(services, run_id, 60)
+    assert run["state_type"] == "FAILED"
+    assert "no-such-glove.txt" in run["state"]["message"]
+    body = {"task_runs": {"flow_run_id": {"any_": [run_id]}}}
+    states = {
+        task_run["name"].rsplit("-", 1)[0]: task_run["state_type"]
+        for task_run in services.http.post("/task_runs/filter", json=body).json()
+    }
+    assert states["prepare-dataset"] == states["extract-features"] == "COMPLETED"
+    assert states["embed-labels"] == "FAILED"
+    assert "train" not in states
+    assert {url: storage.sha256(url) for url in kept} == kept
+
+
 def add_unseen_labels(storage: Storage, count: int) -> list[str]:
     """A new vocabulary version: ``count`` new unseen labels, present in a few test images."""
     vocabulary_url = storage.url("datasets", "emoji-tiny", "vocabulary.parquet")
