@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -229,25 +230,28 @@ def plan_shards(
 # -- worker side -------------------------------------------------------------------------------
 
 _BACKBONES: dict[tuple[Any, ...], Backbone] = {}
+_BACKBONES_LOCK = threading.Lock()
 
 
 def _worker_backbone(config: FeaturesConfig, device: torch.device, storage: Storage) -> Backbone:
-    """The backbone for ``config`` on ``device``, built once per worker process."""
+    """The backbone for ``config`` on ``device``, built once per worker process (tasks running
+    in parallel threads of one worker share it; inference does not mutate it)."""
     key = (config.backbone, config.weights, config.image_size, config.preprocessing, str(device))
-    if key not in _BACKBONES:
-        backbone = backbones.load_backbone(
-            config.backbone,
-            weights=config.weights,
-            image_size=config.image_size,
-            preprocessing=config.preprocessing,
-            open_weights=storage.local_copy,
-        )
-        backbone.module.to(device, memory_format=torch.channels_last)
-        if device.type == "cuda":
-            backbone.module.half()
-        _BACKBONES.clear()
-        _BACKBONES[key] = backbone
-    return _BACKBONES[key]
+    with _BACKBONES_LOCK:
+        if key not in _BACKBONES:
+            backbone = backbones.load_backbone(
+                config.backbone,
+                weights=config.weights,
+                image_size=config.image_size,
+                preprocessing=config.preprocessing,
+                open_weights=storage.local_copy,
+            )
+            backbone.module.to(device, memory_format=torch.channels_last)
+            if device.type == "cuda":
+                backbone.module.half()
+            _BACKBONES.clear()
+            _BACKBONES[key] = backbone
+        return _BACKBONES[key]
 
 
 def _device(setting: str) -> torch.device:
