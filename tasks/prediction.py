@@ -432,17 +432,21 @@ def print_predictions(
 
     Only the first ``max_rows`` images are shown (the CSV and JSON hold all of them).
     """
-    table = Table(title=f"Top {predictions.top.shape[1]} labels per image (* = not trained on)")
+    folder, names = _short_names(predictions.uris[:max_rows])
+    table = Table(
+        title=f"Top {predictions.top.shape[1]} labels per image (* = not trained on)",
+        caption=f"images under {folder}" if folder else None,
+    )
     table.add_column("image", overflow="fold")
     for rank in range(predictions.top.shape[1]):
-        table.add_column(f"#{rank + 1}")
-    for index, uri in enumerate(predictions.uris[:max_rows]):
+        table.add_column(f"#{rank + 1}", overflow="fold")
+    for index, name in enumerate(names):
         cells = [
-            f"{predictions.labels[c]}{'' if predictions.seen[c] else '*'} "
+            f"{predictions.labels[c]}{'' if predictions.seen[c] else '*'}\n"
             f"{predictions.scores[index, c]:.3g}"
             for c in predictions.top[index]
         ]
-        table.add_row(escape(uri), *(escape(cell) for cell in cells))
+        table.add_row(escape(name), *(escape(cell) for cell in cells))
     console = console or Console()
     console.print(table)
     hidden = len(predictions.uris) - max_rows
@@ -501,6 +505,20 @@ def _same_object(listed: list[str], item: str) -> bool:
     """
     target = item if "://" in item else os.path.abspath(item)
     return len(listed) == 1 and listed[0].rstrip("/") == target.rstrip("/")
+
+
+def _short_names(uris: Sequence[str]) -> tuple[str, list[str]]:
+    """The folder all ``uris`` share and each one's path below it (for a narrow console)."""
+    if not uris:
+        return "", []
+    folders = [uri.split("/")[:-1] for uri in uris]
+    shared = 0
+    while all(len(parts) > shared for parts in folders) and (
+        len({parts[shared] for parts in folders}) == 1
+    ):
+        shared += 1
+    folder = "".join(f"{part}/" for part in folders[0][:shared])
+    return folder, [uri[len(folder) :] for uri in uris]
 
 
 def _read_image(uri: str, storage: Storage) -> Image.Image | SkippedImage:
