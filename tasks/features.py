@@ -296,9 +296,94 @@ def region_features(
     return maps.flatten(2).transpose(1, 2).float().cpu().numpy()
 
 
-def _batched(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _prefetched(
+    plan: ShardPlan, storage: Storage, transform: Callable[[Any], torch.Tensor], batch_size: int
+) -> Iterator[list[tuple[int, torch.Tensor | tuple[str, str]]]]:
+    """The shard's images in batches of ``(position, tensor or (reason, detail))``; a thread
+    pool reads and decodes the next batch while the caller runs the backbone on this one."""
+    positions = range(len(plan.image_ids))
+    batches = [positions[start : start + batch_size] for start in positions[::batch_size]]
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+
+        def submit(batch: Sequence[int]) -> list[tuple[int, Future]]:
+            return [(p, pool.submit(_load_image, plan.uris[p], storage, transform)) for p in batch]
+
+        pending = submit(batches[0]) if batches else []
+        for number in range(len(batches)):
+            loaded = [(position, future.result()) for position, future in pending]
+            if number + 1 < len(batches):
+                pending = submit(batches[number + 1])
+            yield loaded
+
+
+def _checked(values: np.ndarray, dtype: str, shard_index: int) -> np.ndarray:
+    """``values`` in the storage dtype, refusing overflow (a silently wrong shard)."""
+    stored = values.astype(dtype)
+    if not np.isfinite(stored).all():
+        raise ExtractionError(
+            f"shard {shard_index}: non-finite features in {dtype} (overflow or broken weights); "
+            "use dtype float32 or check the weights"
+        )
+    return stored
+
+
+def _write_shard(
+    local: Path,
+    plan: ShardPlan,
+    config: FeaturesConfig,
+    backbone: Backbone,
+    storage: Storage,
+    device: torch.device,
+) -> tuple[list[str], list[dict[str, str]]]:
+    """Fill the local HDF5 file; return the kept image ids and the rejects rows."""
+    h, w = backbone.grid
+    kept: list[str] = []
+    rejects: list[dict[str, str]] = []
+    with h5py.File(local, "w") as shard:
+        features = shard.create_dataset(
+            FEATURES_DATASET,
+            shape=(0, h * w, backbone.dim),
+            maxshape=(None, h * w, backbone.dim),
+            chunks=(config.batch_size, h * w, backbone.dim),
+            dtype=config.dtype,
+        )
+        for loaded in _prefetched(plan, storage, backbone.transform, config.batch_size):
+            tensors = []
+            for position, result in loaded:
+                if isinstance(result, torch.Tensor):
+                    tensors.append(result)
+                    kept.append(plan.image_ids[position])
+                    continue
+                reason, detail = result
+                log.info("rejected %s: %s (%s)", plan.uris[position], reason, detail)
+                rejects.append(
+                    {
+                        "image_id": plan.image_ids[position],
+                        "uri": plan.uris[position],
+                        "stage": REJECT_STAGE,
+                        "reason": reason,
+                    }
+                )
+            if tensors:
+                values = region_features(backbone, torch.stack(tensors), device)
+                stored = _checked(values, config.dtype, plan.index)
+                start = features.shape[0]
+                features.resize(start + len(stored), axis=0)
+                features[start:] = stored
+        shard.create_dataset(
+            IMAGE_IDS_DATASET, data=np.array(kept, dtype=object), dtype=h5py.string_dtype()
+        )
+        shard.attrs.update(
+            {
+                "backbone": backbone.name,
+                "preprocessing": backbone.preprocessing,
+                "grid": np.array([h, w], dtype=np.int64),
+                "format_version": FORMAT_VERSION,
+                "weights": config.weights,
+                "image_size": config.image_size,
+            }
+        )
+    return kept, rejects
 
 
 def extract_shard(
@@ -306,84 +391,17 @@ def extract_shard(
 ) -> ShardResult:
     """Compute, write, upload and verify one shard; return its manifest row and rejects.
 
-    Images are read and decoded by a small thread pool one batch ahead of the backbone. The
-    HDF5 file is written in a private temporary folder and committed by ``upload_file`` (temp
-    key, size + sha256 check, rename), so an interrupted task leaves no visible shard.
+    The HDF5 file is written in a private temporary folder and committed by ``upload_file``
+    (temporary key, size + sha256 check, rename), so an interrupted task leaves no visible
+    shard. Unusable images become rejects rows; the shard completes without them.
     """
     if torch_threads:
         torch.set_num_threads(torch_threads)
     device = _device(config.device)
     backbone = _worker_backbone(config, device, storage)
-    h, w = backbone.grid
-    regions, dim = h * w, backbone.dim
-    kept: list[str] = []
-    rejects: list[dict[str, str]] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="lesa-shard-") as folder,
-        ThreadPoolExecutor(max_workers=IO_THREADS) as pool,
-    ):
+    with tempfile.TemporaryDirectory(prefix="lesa-shard-") as folder:
         local = Path(folder) / shard_name(plan.index)
-        with h5py.File(local, "w") as shard:
-            features = shard.create_dataset(
-                FEATURES_DATASET,
-                shape=(0, regions, dim),
-                maxshape=(None, regions, dim),
-                chunks=(config.batch_size, regions, dim),
-                dtype=config.dtype,
-            )
-            batches = list(_batched(range(len(plan.image_ids)), config.batch_size))
-
-            def submit(positions: Sequence[int]) -> list[Future]:
-                return [
-                    pool.submit(_load_image, plan.uris[p], storage, backbone.transform)
-                    for p in positions
-                ]
-
-            pending = submit(batches[0]) if batches else []
-            for number, positions in enumerate(batches):
-                loaded = [future.result() for future in pending]
-                if number + 1 < len(batches):
-                    pending = submit(batches[number + 1])
-                tensors = []
-                for position, result in zip(positions, loaded, strict=True):
-                    if isinstance(result, torch.Tensor):
-                        tensors.append(result)
-                        kept.append(plan.image_ids[position])
-                    else:
-                        rejects.append(
-                            {
-                                "image_id": plan.image_ids[position],
-                                "uri": plan.uris[position],
-                                "stage": REJECT_STAGE,
-                                "reason": result[0],
-                            }
-                        )
-                        log.info("rejected %s: %s (%s)", plan.uris[position], *result)
-                if not tensors:
-                    continue
-                values = region_features(backbone, torch.stack(tensors), device)
-                stored = values.astype(config.dtype)
-                if not np.isfinite(stored).all():
-                    raise ExtractionError(
-                        f"shard {plan.index}: non-finite features in {config.dtype} (overflow or "
-                        "broken weights); use dtype float32 or check the weights"
-                    )
-                start = features.shape[0]
-                features.resize(start + len(stored), axis=0)
-                features[start:] = stored
-            shard.create_dataset(
-                IMAGE_IDS_DATASET, data=np.array(kept, dtype=object), dtype=h5py.string_dtype()
-            )
-            shard.attrs.update(
-                {
-                    "backbone": backbone.name,
-                    "preprocessing": backbone.preprocessing,
-                    "grid": np.array([h, w], dtype=np.int64),
-                    "format_version": FORMAT_VERSION,
-                    "weights": config.weights,
-                    "image_size": config.image_size,
-                }
-            )
+        kept, rejects = _write_shard(local, plan, config, backbone, storage, device)
         sha256 = storage.upload_file(local, plan.shard_uri)
         size = local.stat().st_size
     row = {
@@ -392,8 +410,8 @@ def extract_shard(
         "num_images": len(kept),
         "backbone": backbone.name,
         "preprocessing": backbone.preprocessing,
-        "regions": regions,
-        "dim": dim,
+        "regions": backbone.regions,
+        "dim": backbone.dim,
         "dtype": config.dtype,
         "sha256": sha256,
         "size_bytes": size,
