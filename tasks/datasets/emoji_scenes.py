@@ -72,10 +72,11 @@ class EmojiScenesConfig(StrictModel):
     num_test: int = Field(default=2000, ge=1, description="test images (seen and unseen)")
     image_size: int = Field(default=224, ge=64, le=1024, description="square side in pixels")
     objects_per_image: tuple[int, int] = Field(
-        default=(3, 6), description="(min, max) objects drawn per image, inclusive"
+        default=(2, 5), description="(min, max) objects drawn per image, inclusive"
     )
     object_scale: tuple[float, float] = Field(
-        default=(0.2, 0.4), description="(min, max) longest object side as a fraction of the image"
+        default=(0.25, 0.45),
+        description="(min, max) longest object side as a fraction of the image",
     )
     max_overlap: float = Field(
         default=0.2,
@@ -84,10 +85,10 @@ class EmojiScenesConfig(StrictModel):
         description="largest fraction of an object's box that another object may cover",
     )
     unseen_fraction: float = Field(
-        default=0.2, gt=0.0, lt=0.5, description="target share of each family that is unseen"
+        default=0.3, gt=0.0, lt=0.5, description="target share of each family that is unseen"
     )
     min_relative_similarity: float = Field(
-        default=0.5,
+        default=0.75,
         gt=-1.0,
         lt=1.0,
         description="GloVe cosine an unseen label needs to at least one seen label of its family",
