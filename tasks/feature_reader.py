@@ -128,7 +128,7 @@ class FeatureStore:
     @property
     def grid(self) -> tuple[int, int]:
         """Region grid (h, w), from the first shard's attributes."""
-        h, w = self._handle(int(self.manifest["shard_index"].iloc[0])).attrs["grid"]
+        h, w = self._handle(int(self._single("shard_index"))).attrs["grid"]
         return int(h), int(w)
 
     @property
