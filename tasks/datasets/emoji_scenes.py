@@ -7,8 +7,8 @@ for the attention-localisation score.
 
 Zero-shot has to be measurable on it, so the seen/unseen split is family-aware: an unseen label
 is only chosen where a seen label of the same emoji family is also a close GloVe neighbour
-(``fish`` unseen while ``shark`` and ``whale`` are seen), the situation in which transferring
-through word vectors can work. Train and val images draw seen objects only (complete
+(say ``onion`` unseen while ``garlic`` is seen), the situation in which transferring through
+word vectors can work. Train and val images draw seen objects only (complete
 annotation, so unseen objects never appear in training); test images mix seen and unseen objects
 and hold at least one unseen object each.
 
@@ -212,6 +212,12 @@ def build_vocabulary(config: EmojiScenesConfig, storage: Storage) -> pd.DataFram
             f"({config.min_relative_similarity}) or raise unseen_fraction "
             f"({config.unseen_fraction})"
         )
+    logger.info(
+        "emoji-scenes: %d labels in %d families, %d unseen",
+        len(labels),
+        len({entry.family for entry in entries}),
+        int((~seen).sum()),
+    )
     return pd.DataFrame({"label": labels, "seen": seen, "tokens": labels})
 
 
