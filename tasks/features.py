@@ -625,6 +625,7 @@ def extract_features(
     committer.commit()
     todo = [plan for plan in plans if plan.index not in rows]
     if todo:
+        _preflight(config, storage)
         log.info("extracting %d of %d shards into %s", len(todo), len(plans), out_prefix)
         _run_shards(todo, config, storage, committer)
     grid = config.grid
@@ -635,6 +636,19 @@ def extract_features(
         dim=backbones.get_spec(config.backbone).dim,
         grid=grid,
         num_images=sum(int(row["num_images"]) for row in committer.rows.values()),
+    )
+
+
+def _preflight(config: FeaturesConfig, storage: Storage) -> None:
+    """Build the backbone once here before any task starts: bad or unobtainable weights fail
+    with one clear error instead of one per shard, and a download (torchvision's VGG-19) lands
+    in the shared cache once instead of racing in every local worker."""
+    backbones.load_backbone(
+        config.backbone,
+        weights=config.weights,
+        image_size=config.image_size,
+        preprocessing=config.preprocessing,
+        open_weights=storage.local_copy,
     )
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from tasks import schemas
-from tasks.backbones import Backbone, load_backbone
+from tasks.backbones import Backbone, BackboneError, load_backbone
 from tasks.feature_reader import FeatureStore, shard_name
 from tasks.features import (
     DaskConfig,
@@ -249,7 +249,20 @@ def test_region_features_are_the_grid_cells_in_row_major_order() -> None:
 def test_invalid_label_table_fails_before_any_work(local_storage: Storage) -> None:
     table = label_table(["a", "a"], ["a.png", "b.png"])
     with pytest.raises(schemas.SchemaError, match="image_id"):
-        extract_features(table, "images", small_config(None), local_storage, "out")
+        extract_features(
+            table, "images", small_config(None), local_storage, local_storage.url("out")
+        )
+
+
+def test_unusable_weights_fail_once_before_any_cluster_is_contacted(
+    local_storage: Storage,
+) -> None:
+    table = write_images(local_storage, 2)
+    config = small_config("tcp://127.0.0.1:9", weights=str(local_storage.url("absent.pth")))
+    with pytest.raises(BackboneError, match=r"absent\.pth' not found"):
+        extract_features(
+            table, local_storage.url("images"), config, local_storage, local_storage.url("out")
+        )
 
 
 def test_prefect_wrapper_is_a_task() -> None:
