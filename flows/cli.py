@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             "storage.root=s3://bucket/lesa (repeatable; VALUE is read as YAML)"
         ),
     )
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into a normal exit, so Prefect marks the run and stops its temporary API."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def overrides_from(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from uuid import UUID
 import numpy as np
 import pandas as pd
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
@@ -524,16 +524,20 @@ def train_model_task(
 
 
 class _ProgressArtifact:
-    """Mirror the trainer's step count into a Prefect progress artifact (percent done)."""
+    """Report the trainer's history records to the run: a progress artifact and log lines."""
 
     def __init__(self, total_steps: int, description: str) -> None:
         self.total = max(total_steps, 1)
         self.description = description
         self.artifact_id: UUID | None = None
+        self.logger = get_run_logger()
 
     def __call__(self, record: dict[str, float]) -> None:
-        done = min(100.0, 100.0 * float(record.get("step", 0)) / self.total)
+        step = int(record.get("step", 0))
+        done = min(100.0, 100.0 * step / self.total)
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(done, description=self.description)
         else:
             update_progress_artifact(self.artifact_id, done)
+        values = ", ".join(f"{key} {value:.4g}" for key, value in record.items() if key != "step")
+        self.logger.info("%s: step %d/%d: %s", self.description, step, self.total, values)
