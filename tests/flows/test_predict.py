@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from prefect.testing.utilities import prefect_test_harness
 
 from flows.predict import main
 from lesa_model.checkpoint import model_payload, save_checkpoint
@@ -18,6 +20,13 @@ from tasks.embeddings import KUMO_SOURCE
 from tasks.features import FeaturesConfig, feature_key
 
 FEATURES = FeaturesConfig(backbone="efficientnet-lite0", weights="none", image_size=64)
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[None]:
+    """One temporary Prefect API for this module's flow runs, patient with a busy machine."""
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +93,7 @@ def test_bad_arguments_exit_with_usage_error(inputs) -> None:
 
 
 @pytest.mark.slow
-def test_cli_tags_a_folder_with_new_labels(inputs, capsys) -> None:
+def test_cli_tags_a_folder_with_new_labels(inputs, prefect_api, capsys) -> None:
     out = inputs["root"] / "out"
     code = main(
         [
@@ -118,7 +127,7 @@ def test_cli_tags_a_folder_with_new_labels(inputs, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_cli_unembeddable_label_is_a_clear_error(inputs, capsys) -> None:
+def test_cli_unembeddable_label_is_a_clear_error(inputs, prefect_api, capsys) -> None:
     code = main(
         [
             "--checkpoint",
