@@ -73,6 +73,7 @@ __all__ = [
     "features_prefix",
     "plan_shards",
     "region_features",
+    "resolve_uri",
 ]
 
 log = logging.getLogger(__name__)
