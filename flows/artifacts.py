@@ -51,11 +51,11 @@ def print_metrics(metrics: MethodMetrics, *, title: str, console: Console | None
     """Print the ZSL and GZSL metrics of every method as one table (percent)."""
     rows = metrics_rows(metrics)
     names = metric_names(metrics)
-    table = Table(title=title)
-    table.add_column("method")
-    table.add_column("setting")
+    table = Table(title=f"{title} (metrics in %)")
+    table.add_column("method", no_wrap=True)
+    table.add_column("setting", no_wrap=True)
     for name in names:
-        table.add_column(f"{name} (%)", justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     for row in rows:
         cells = ["-" if row[name] is None else f"{row[name]:.2f}" for name in names]
         table.add_row(row["method"], row["setting"], *cells)

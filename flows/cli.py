@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -35,9 +36,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into a normal exit, so Prefect marks the run and stops its temporary API."""
+def prepare_process() -> None:
+    """Process settings for an entry point that may start a temporary local Prefect API.
+
+    SIGTERM becomes a normal exit, so Prefect marks the run and stops that API; the API's
+    usage telemetry is off, since offline it only logs connection errors.
+    """
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def overrides_from(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:

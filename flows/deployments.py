@@ -24,7 +24,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, exit_on_sigterm, overrides_from
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from, prepare_process
 from flows.full_pipeline import lesa
 from flows.watch import watch_labels
 from tasks.config import ConfigError, load_config
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, default=1, help="concurrent runs (default: 1)")
     args = parser.parse_args(argv)
-    exit_on_sigterm()
+    prepare_process()
     overrides = overrides_from(parser, args.overrides)
     try:
         load_config(args.config, overrides)

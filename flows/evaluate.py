@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from rich.console import Console
 
 from flows.artifacts import print_metrics, publish_run_artifacts
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, exit_on_sigterm, overrides_from
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from, prepare_process
 from flows.full_pipeline import prepare_inputs
 from tasks.config import ConfigError, load_config
 from tasks.evaluation import evaluate_checkpoint_task, expected_metadata, report_prefix
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="which checkpoint (default: evaluation.checkpoint of the config)",
     )
     args = parser.parse_args(argv)
-    exit_on_sigterm()
+    prepare_process()
     overrides = overrides_from(parser, args.overrides)
     try:
         cfg = load_config(args.config, overrides)

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from rich.console import Console
 
 from flows.artifacts import print_metrics, publish_run_artifacts
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, exit_on_sigterm, overrides_from
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from, prepare_process
 from tasks.baselines import mean_pool_config
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.datasets import prepare_dataset_task
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    exit_on_sigterm()
+    prepare_process()
     overrides = overrides_from(parser, args.overrides)
     try:
         cfg = load_config(args.config, overrides)

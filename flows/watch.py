@@ -20,7 +20,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, exit_on_sigterm, overrides_from
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from, prepare_process
 from tasks.config import ConfigError, load_config
 from tasks.events import check_labels_task, emit_labels_updated_task, record_version_task
 from tasks.storage import Storage
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--every", type=float, metavar="SECONDS", help="keep polling at this interval"
     )
     args = parser.parse_args(argv)
-    exit_on_sigterm()
+    prepare_process()
     overrides = overrides_from(parser, args.overrides)
     try:
         load_config(args.config, overrides)

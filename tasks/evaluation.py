@@ -10,6 +10,7 @@ game measures whether each present label's attention peaks inside its box.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -131,41 +132,50 @@ def pointing_for(
     storage: Storage,
     *,
     image_size: int,
-    label_vectors: Mapping[str, np.ndarray],
+    label_names: Sequence[str],
+    label_vectors: np.ndarray,
     max_pairs: int,
     seed: int = 0,
+    batch_size: int = 64,
 ) -> PointingGameResult | None:
     """Pointing game over test (image, present label) pairs that have a box.
 
     The region grid covers the centre crop the backbone saw (resize to ``resize_side``, then
-    crop ``image_size``), so that rectangle is passed as each pair's region box.
+    crop ``image_size``), so that rectangle is passed as each pair's region box. Attention is
+    computed a batch of images at a time for every label, then picked per pair.
     """
     if tables.boxes is None or tables.boxes.empty or max_pairs == 0:
         return None
     test = tables.split("test")
+    column = {label: index for index, label in enumerate(label_names)}
     boxes = tables.boxes[
         tables.boxes["image_id"].isin(test["image_id"])
         & tables.boxes["image_id"].isin(store.index.index)
-        & tables.boxes["label"].isin(list(label_vectors))
+        & tables.boxes["label"].isin(list(column))
     ]
     if boxes.empty:
         return None
     if len(boxes) > max_pairs:
         boxes = boxes.sample(n=max_pairs, random_state=seed)
     boxes = boxes.sort_values(["image_id", "label"]).reset_index(drop=True)
-    uris = test.set_index("image_id")["uri"]
-    labels = sorted(set(boxes["label"]))
-    column = {label: index for index, label in enumerate(labels)}
-    vectors = np.stack([label_vectors[label] for label in labels])
+    image_ids = boxes["image_id"].unique().tolist()
     weights = np.empty((len(boxes), features.grid[0] * features.grid[1]), dtype=np.float32)
-    sizes = np.empty((len(boxes), 2), dtype=np.float64)
+    for start in range(0, len(image_ids), batch_size):
+        chunk = image_ids[start : start + batch_size]
+        _, chunk_weights = attention_for(model, store.read(chunk), label_vectors)
+        rows = boxes.index[boxes["image_id"].isin(chunk)]
+        position = {image_id: index for index, image_id in enumerate(chunk)}
+        images = [position[image_id] for image_id in boxes.loc[rows, "image_id"]]
+        labels = [column[label] for label in boxes.loc[rows, "label"]]
+        weights[rows] = chunk_weights[images, labels]
+    uris = test.set_index("image_id")["uri"]
+    urls = [resolve_uri(str(uris[image_id]), tables.images_prefix) for image_id in image_ids]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        size_of = dict(
+            zip(image_ids, pool.map(lambda url: _image_size(storage, url), urls), strict=True)
+        )
+    sizes = np.array([size_of[image_id] for image_id in boxes["image_id"]], dtype=np.float64)
     crop = image_size / resize_side(image_size)
-    for image_id, rows in boxes.groupby("image_id", sort=False):
-        _, image_weights = attention_for(model, store.read([image_id])[0], vectors)
-        cols = [column[label] for label in rows["label"]]
-        weights[rows.index] = image_weights[0, cols]
-        url = resolve_uri(str(uris[image_id]), tables.images_prefix)
-        sizes[rows.index] = _image_size(storage, url)
     region_boxes = np.array([centre_crop_box((w, h), crop) for w, h in sizes])
     return pointing_game(
         weights,
@@ -233,7 +243,8 @@ def evaluate_checkpoint(
         features,
         storage,
         image_size=image_size,
-        label_vectors=dict(zip(names, vectors, strict=True)),
+        label_names=names,
+        label_vectors=vectors,
         max_pairs=config.pointing_pairs,
         seed=config.seed,
     )

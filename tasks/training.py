@@ -531,6 +531,7 @@ class _ProgressArtifact:
         self.description = description
         self.artifact_id: UUID | None = None
         self.logger = get_run_logger()
+        self.logged: tuple[int, set[str]] = (-1, set())
 
     def __call__(self, record: dict[str, float]) -> None:
         step = int(record.get("step", 0))
@@ -539,5 +540,9 @@ class _ProgressArtifact:
             self.artifact_id = create_progress_artifact(done, description=self.description)
         else:
             update_progress_artifact(self.artifact_id, done)
-        values = ", ".join(f"{key} {value:.4g}" for key, value in record.items() if key != "step")
+        # The trainer merges validation scores into the step's loss record: log only what's new.
+        seen = self.logged[1] if self.logged[0] == step else set()
+        fresh = {key: value for key, value in record.items() if key not in seen | {"step"}}
+        self.logged = (step, seen | set(fresh))
+        values = ", ".join(f"{key} {value:.4g}" for key, value in fresh.items())
         self.logger.info("%s: step %d/%d: %s", self.description, step, self.total, values)
