@@ -54,10 +54,11 @@ SYNC_INTERVAL_S = 15.0
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (network, S3); never bad input, which fails the same way again."""
+    """Retry transient failures (network, S3); never bad input or a missing file, which fail
+    the same way again."""
     try:
         state.result()
-    except ValueError:
+    except (ValueError, FileNotFoundError):
         return False
     except Exception:
         return True
