@@ -72,10 +72,10 @@ class EmojiScenesConfig(StrictModel):
     num_test: int = Field(default=2000, ge=1, description="test images (seen and unseen)")
     image_size: int = Field(default=224, ge=64, le=1024, description="square side in pixels")
     objects_per_image: tuple[int, int] = Field(
-        default=(2, 5), description="(min, max) objects drawn per image, inclusive"
+        default=(2, 4), description="(min, max) objects drawn per image, inclusive"
     )
     object_scale: tuple[float, float] = Field(
-        default=(0.25, 0.45),
+        default=(0.3, 0.5),
         description="(min, max) longest object side as a fraction of the image",
     )
     max_overlap: float = Field(
