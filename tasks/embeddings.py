@@ -32,6 +32,7 @@ from prefect import task
 from pydantic import field_validator
 
 from lesa_model.config import StrictModel
+from tasks.retries import retry_unless_bad_input
 from tasks.schemas import LabelEmbeddings, Vocabulary, validate
 from tasks.storage import Storage
 
@@ -335,7 +336,12 @@ def embed_words(
     return _result(labels, tokens, embeddings, config, url=None, cached=False)
 
 
-@task(name="embed-labels")
+@task(
+    name="embed-labels",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def embed_labels_task(
     vocabulary: pd.DataFrame, config: EmbeddingConfig, storage: Storage
 ) -> EmbeddingResult:

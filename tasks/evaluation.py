@@ -31,8 +31,9 @@ from tasks.baselines import BaselineName, random_ranking
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FeatureSet, feature_key, resolve_uri
+from tasks.retries import retry_unless_bad_input
 from tasks.storage import Storage
-from tasks.training import DatasetTables, embedded, retry_unless_bad_input, split_source
+from tasks.training import DatasetTables, embedded, split_source
 
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig

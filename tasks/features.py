@@ -55,6 +55,7 @@ from tasks.feature_reader import (
     shard_name,
 )
 from tasks.images import ImageRejected, decode_image
+from tasks.retries import retry_unless_bad_input
 from tasks.storage import Storage
 
 __all__ = [
@@ -687,7 +688,12 @@ def _run_shards(
         )
 
 
-@task(name="extract-features")
+@task(
+    name="extract-features",
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def extract_features_task(
     label_table: pd.DataFrame,
     images_prefix: str,
@@ -695,5 +701,5 @@ def extract_features_task(
     storage: Storage,
     out_prefix: str,
 ) -> FeatureSet:
-    """Prefect wrapper of :func:`extract_features`."""
+    """Prefect wrapper of :func:`extract_features`; a retry redoes only the uncommitted shards."""
     return extract_features(label_table, images_prefix, config, storage, out_prefix)

@@ -40,6 +40,7 @@ from tasks.datasets import DatasetArtifacts
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FeatureSet, feature_key
+from tasks.retries import retry_unless_bad_input
 from tasks.storage import Storage
 
 if TYPE_CHECKING:
@@ -51,18 +52,6 @@ CHECKPOINTS_DIR = "checkpoints"
 RECORD_FILE = "training.json"
 """Written next to the checkpoints: the training key, status and checkpoint URLs."""
 SYNC_INTERVAL_S = 15.0
-
-
-def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (network, S3); never bad input or a missing file, which fail
-    the same way again."""
-    try:
-        state.result()
-    except (ValueError, FileNotFoundError):
-        return False
-    except Exception:
-        return True
-    return False
 
 
 # -- label tables ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from tasks.datasets.emoji_scenes import EmojiScenesConfig, prepare_emoji_scenes
 from tasks.datasets.nuswide import NusWideConfig, prepare_nuswide
 from tasks.datasets.openimages import OpenImagesConfig, prepare_openimages
 from tasks.datasets.table import TableConfig, prepare_table
+from tasks.retries import retry_unless_bad_input
 from tasks.storage import Storage
 
 __all__ = [
@@ -55,22 +56,11 @@ def prepare_dataset(config: DatasetConfig, storage: Storage) -> DatasetArtifacts
     return _PREPARERS[source](config, storage)
 
 
-def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (network, S3), never bad input: that fails the same way again."""
-    try:
-        state.result()
-    except ValueError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
 @task(
     name="prepare-dataset",
     retries=2,
     retry_delay_seconds=10,
-    retry_condition_fn=_retry_unless_bad_input,
+    retry_condition_fn=retry_unless_bad_input,
 )
 def prepare_dataset_task(config: DatasetConfig, storage: Storage) -> DatasetArtifacts:
     """Prefect wrapper of :func:`prepare_dataset`."""

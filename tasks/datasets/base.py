@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Annotated
 
 import pandas as pd
@@ -61,10 +62,28 @@ def dataset_url(storage: Storage, name: str, *parts: str) -> str:
     return storage.url("datasets", name, *parts)
 
 
-def config_fingerprint(config: BaseModel) -> str:
-    """Stable hash of a source config: any change to it means the dataset must be rebuilt."""
-    payload = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def config_fingerprint(config: BaseModel, inputs: Mapping[str, str] | None = None) -> str:
+    """Stable hash of a source config and the checksums of its input files (URL -> SHA-256).
+
+    Any change to either means the dataset must be rebuilt: a user's label table rewritten in
+    place under the same URL is a new dataset version, not a finished one.
+    """
+    payload = json.dumps(
+        {"config": config.model_dump(mode="json"), "inputs": dict(inputs or {})},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def input_checksums(storage: Storage, files: Mapping[str, str]) -> dict[str, str]:
+    """SHA-256 of each input file (``{what: url}``) by URL, for :func:`config_fingerprint`."""
+    checksums = {}
+    for what, url in files.items():
+        if not storage.exists(url):
+            raise DatasetError(f"missing {what}: {url} does not exist")
+        checksums[url] = storage.sha256(url)
+    return checksums
 
 
 def join_url(prefix: str, *parts: str) -> str:
@@ -95,8 +114,10 @@ def read_text(storage: Storage, url: str, *, what: str) -> str:
         return data.decode("latin-1")
 
 
-def load_prepared(storage: Storage, name: str, config: BaseModel) -> DatasetArtifacts | None:
-    """Return the artifacts of an earlier run with the same config if they are all still valid.
+def load_prepared(
+    storage: Storage, name: str, config: BaseModel, inputs: Mapping[str, str] | None = None
+) -> DatasetArtifacts | None:
+    """Return the artifacts of an earlier run with the same config and inputs if still valid.
 
     Anything missing, stale or invalid returns ``None`` (and is logged), so the caller rebuilds.
     """
@@ -104,8 +125,10 @@ def load_prepared(storage: Storage, name: str, config: BaseModel) -> DatasetArti
     if not storage.exists(marker_url):
         return None
     marker = storage.read_json(marker_url)
-    if marker.get("config_sha256") != config_fingerprint(config):
-        logger.info("dataset %s: config changed since the last run; rebuilding", name)
+    if marker.get("config_sha256") != config_fingerprint(config, inputs):
+        logger.info(
+            "dataset %s: config or input files changed since the last run; rebuilding", name
+        )
         return None
     try:
         artifacts = DatasetArtifacts.model_validate(marker["artifacts"])
@@ -141,6 +164,7 @@ def write_dataset(
     images_prefix: str,
     boxes: pd.DataFrame | None = None,
     rejects: pd.DataFrame | None = None,
+    inputs: Mapping[str, str] | None = None,
 ) -> DatasetArtifacts:
     """Validate every table, write them atomically, then commit ``dataset.json`` last.
 
@@ -171,7 +195,8 @@ def write_dataset(
         {
             "source": getattr(config, "source", None),
             "config": config.model_dump(mode="json"),
-            "config_sha256": config_fingerprint(config),
+            "config_sha256": config_fingerprint(config, inputs),
+            "inputs": dict(inputs or {}),
             "artifacts": artifacts.model_dump(),
             "num_images": len(labels),
             "num_labels": len(vocabulary),

@@ -34,6 +34,7 @@ from tasks.datasets.base import (
     DatasetError,
     DatasetName,
     absolute_url,
+    input_checksums,
     label_tokens,
     load_prepared,
     write_dataset,
@@ -169,8 +170,11 @@ def _parent(url: str) -> str:
 
 
 def prepare_table(config: TableConfig, storage: Storage) -> DatasetArtifacts:
-    """Read, check and write the user's tables (skipped when already prepared)."""
-    prepared = load_prepared(storage, config.name, config)
+    """Read, check and write the user's tables (skipped when prepared from the same files)."""
+    inputs = input_checksums(
+        storage, {"label table": config.labels, "vocabulary": config.vocabulary}
+    )
+    prepared = load_prepared(storage, config.name, config, inputs)
     if prepared is not None:
         return prepared
     vocabulary = parse_vocabulary(
@@ -189,4 +193,5 @@ def prepare_table(config: TableConfig, storage: Storage) -> DatasetArtifacts:
         labels=labels,
         vocabulary=vocabulary,
         images_prefix=absolute_url(config.images_prefix or _parent(config.labels)),
+        inputs=inputs,
     )

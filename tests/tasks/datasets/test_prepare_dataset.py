@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from prefect.states import Completed, Failed
 from pydantic import TypeAdapter, ValidationError
 
 from tasks.datasets import (
@@ -14,10 +13,9 @@ from tasks.datasets import (
     NusWideConfig,
     OpenImagesConfig,
     TableConfig,
-    _retry_unless_bad_input,
     prepare_dataset,
 )
-from tasks.datasets.base import DatasetArtifacts, load_prepared
+from tasks.datasets.base import DatasetArtifacts, DatasetError, input_checksums, load_prepared
 from tasks.storage import Storage, StorageConfig
 
 ADAPTER = TypeAdapter(DatasetConfig)
@@ -84,21 +82,18 @@ def test_dispatch_writes_then_skips(tmp_path: Path, storage: Storage) -> None:
         vocabulary_url=storage.url("datasets/t/vocabulary.parquet"),
         images_prefix=str(tmp_path),
     )
-    assert load_prepared(storage, "t", config) == artifacts
-    # The raw files may disappear once prepared: a rerun does not read them.
-    (tmp_path / "labels.csv").unlink()
+    inputs = input_checksums(storage, {"labels": config.labels, "vocabulary": config.vocabulary})
+    assert load_prepared(storage, "t", config, inputs) == artifacts
     assert prepare_dataset(config, storage) == artifacts
-    # A corrupted output is detected and rebuilt (here: fails, since the input is gone).
+    # The user's files are the dataset's version: without them a rerun cannot tell it is current.
+    (tmp_path / "labels.csv").unlink()
+    with pytest.raises(DatasetError, match="missing label table"):
+        prepare_dataset(config, storage)
+    # A corrupted output is detected, so the caller rebuilds.
     storage.write_bytes(artifacts.label_table_url, b"garbage")
-    assert load_prepared(storage, "t", config) is None
+    assert load_prepared(storage, "t", config, inputs) is None
 
 
 def test_unknown_source_object_is_refused(storage: Storage) -> None:
     with pytest.raises(ValueError, match="unknown dataset source 'coco'"):
         prepare_dataset(type("Fake", (), {"source": "coco"})(), storage)  # type: ignore[arg-type]
-
-
-def test_prefect_wrapper_retries_transient_errors_only() -> None:
-    assert _retry_unless_bad_input(None, None, Failed(data=OSError("S3 hiccup"))) is True
-    assert _retry_unless_bad_input(None, None, Failed(data=ValueError("bad file"))) is False
-    assert _retry_unless_bad_input(None, None, Completed(data=1)) is False

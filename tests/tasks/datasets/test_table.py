@@ -143,6 +143,23 @@ def test_missing_and_unreadable_files(tmp_path: Path, storage: Storage) -> None:
         prepare_table(broken, storage)
 
 
+def test_a_table_rewritten_in_place_is_a_new_version(tmp_path: Path, storage: Storage) -> None:
+    config = _write(tmp_path)
+    prepare_table(config, storage)
+    marker = storage.url("datasets", "mine", "dataset.json")
+    written = storage.read_json(marker)
+    prepare_table(config, storage)
+    assert storage.read_json(marker) == written, "unchanged files must be reused as they are"
+
+    (tmp_path / "labels.csv").write_text(LABELS_CSV + "a/4.jpg,train,cat,,false\n")
+    artifacts = prepare_table(config, storage)
+    labels = storage.read_parquet(artifacts.label_table_url)
+    assert labels["image_id"].tolist()[-1] == "a/4"
+    rebuilt = storage.read_json(marker)
+    assert rebuilt["config_sha256"] != written["config_sha256"]
+    assert set(rebuilt["inputs"]) == {config.labels, config.vocabulary}
+
+
 @pytest.mark.slow
 def test_inputs_and_outputs_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
     storage = Storage(
