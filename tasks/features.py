@@ -151,6 +151,11 @@ class FeaturesConfig(StrictModel):
         return backbones.get_spec(self.backbone).grid(self.image_size)
 
 
+FEATURE_IDENTITY = frozenset({"backbone", "weights", "image_size", "preprocessing", "dtype"})
+"""The FeaturesConfig fields that change a feature set's numbers; checkpoints record them so that
+prediction recomputes exactly the features the model was trained on."""
+
+
 def feature_key(config: FeaturesConfig) -> str:
     """``<backbone>-<hash>`` naming a feature set by everything that changes its numbers."""
     identity = {

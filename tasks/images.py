@@ -88,7 +88,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except UnidentifiedImageError as error:
         raise ImageRejected("corrupt", "not a recognised image format") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageRejected("corrupt", str(error)) from error
+        raise ImageRejected(_decode_failure(error), str(error)) from error
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageRejected("corrupt", f"invalid size {width}x{height}")
@@ -103,13 +103,17 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except EOFError as error:
         raise ImageRejected("truncated", str(error) or "unexpected end of file") from error
     except (OSError, SyntaxError, ValueError) as error:
-        reason: RejectReason = "truncated" if "truncated" in str(error) else "corrupt"
-        raise ImageRejected(reason, str(error)) from error
+        raise ImageRejected(_decode_failure(error), str(error)) from error
     try:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError) as error:
         raise ImageRejected("corrupt", f"unreadable EXIF: {error}") from error
     return _to_rgb(image)
+
+
+def _decode_failure(error: Exception) -> RejectReason:
+    """Pillow says "image file is truncated" or "Truncated File Read" for a cut-off file."""
+    return "truncated" if "truncated" in str(error).lower() else "corrupt"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -37,7 +37,7 @@ from lesa_model.model import LESA
 from tasks import backbones
 from tasks.backbones import Backbone
 from tasks.embeddings import EmbeddingConfig, OOVError, embed_words
-from tasks.features import FeaturesConfig, feature_key
+from tasks.features import FeaturesConfig, feature_key, region_features
 from tasks.images import ImageRejected, decode_image
 from tasks.storage import Storage
 
@@ -318,19 +318,17 @@ def load_backbone_for(predictor: Predictor, storage: Storage) -> Backbone:
     )
 
 
-def region_features(
+def image_features(
     backbone: Backbone, images: Sequence[Image.Image], dtype: str = "float32"
 ) -> np.ndarray:
-    """(B, R, D) float32 region features, row-major over the grid, rounded through ``dtype``.
+    """(B, R, D) float32 region features of decoded images, rounded through ``dtype``.
 
-    Rounding through the stored feature dtype (float16 by default) gives the model exactly the
-    kind of numbers it was trained on.
+    The layout is extraction's (:func:`tasks.features.region_features`), and rounding through
+    the stored feature dtype (float16 by default) gives the model exactly the kind of numbers it
+    was trained on.
     """
     batch = torch.stack([backbone.transform(image) for image in images])
-    with torch.inference_mode():
-        maps = backbone.module(batch)
-    values = maps.flatten(2).transpose(1, 2).float().numpy()
-    return values.astype(dtype).astype(np.float32)
+    return region_features(backbone, batch).astype(dtype).astype(np.float32)
 
 
 def predict_images(
@@ -370,7 +368,7 @@ def predict_images(
         progress.update(len(batch_uris) + len(batch_skipped))
         if not images:
             continue
-        features = region_features(backbone, images, predictor.features.dtype)
+        features = image_features(backbone, images, predictor.features.dtype)
         with torch.inference_mode():
             batch_scores = predictor.model(torch.from_numpy(features), vectors).scores.numpy()
         kept.extend(batch_uris)

@@ -39,7 +39,7 @@ from tasks import schemas
 from tasks.datasets import DatasetArtifacts
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
-from tasks.features import FeatureSet, feature_key
+from tasks.features import FEATURE_IDENTITY, FeatureSet, feature_key
 from tasks.retries import retry_unless_bad_input
 from tasks.storage import Storage
 
@@ -418,6 +418,7 @@ def train_model(
         "embedding_source": config.embeddings.source,
         "embedding_dim": int(vectors.shape[1]),
         "feature_key": feature_key(config.features),
+        "features": config.features.model_dump(mode="json", include=FEATURE_IDENTITY),
         "backbone": config.features.backbone,
         "preprocessing": config.features.preprocessing_id,
         "image_size": config.features.image_size,

@@ -19,6 +19,7 @@ from tasks.datasets import DatasetArtifacts
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FEATURES_DATASET, IMAGE_IDS_DATASET, ids_sha256
 from tasks.features import FeatureSet, feature_key
+from tasks.prediction import checkpoint_features
 from tasks.storage import Storage, StorageConfig
 from tasks.training import (
     CheckpointMirror,
@@ -200,6 +201,8 @@ def test_checkpoints_land_in_the_run_folder_with_metadata(local: Synthetic) -> N
     assert metadata["embedding_source"] == local.config.embeddings.source
     assert metadata["feature_key"] == feature_key(local.config.features)
     assert metadata["backbone"] == local.config.features.backbone
+    assert metadata["features"]["weights"] == local.config.features.weights
+    assert feature_key(checkpoint_features(metadata)) == metadata["feature_key"]
     assert metadata["training_key"] == outcome.training_key
     assert model.label_dim == DIM
     record = local.storage.read_json(final.rsplit("/", 1)[0] + "/training.json")
