@@ -42,10 +42,11 @@ def test_average_precision_equals_sklearn(seed: int, ties: bool) -> None:
     assert ap[0] == 0.0 and ap[1] == 0.0
 
 
-def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunks_and_tiles_do_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
     scores, labels = _random_problem(3)
     whole = average_precision(scores, labels), precision_recall_f1_at_k(scores, labels, 3)
     monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(metrics, "TRANSPOSE_TILE_ROWS", 3)
     chunked = average_precision(scores, labels), precision_recall_f1_at_k(scores, labels, 3)
     np.testing.assert_array_equal(whole[0], chunked[0])
     assert whole[1] == chunked[1]
