@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import skimage.data
 import torch
-from _flops import measure_matmul_gflops
+from _flops import measure_matmul_gflops, measure_onednn_gemm_gflops
 from PIL import Image
 
 from tasks.backbones import load_backbone
@@ -148,6 +148,11 @@ def main() -> None:
         print(
             f"fp32 matmul ceiling:          {ceiling:8.1f} GFLOP/s "
             f"(before {before:.1f}, after {after:.1f})"
+        )
+        onednn = measure_onednn_gemm_gflops(seconds=1.0)
+        print(
+            f"fp32 GEMM via oneDNN:         {onednn:8.1f} GFLOP/s (the convolutions' library; "
+            f"VGG-19 backbone = {forward * gflop / onednn:.2f} of it)"
         )
         print(f"VGG-19 conv FLOPs per image:  {gflop:8.2f} GFLOP (224x224)")
         print(

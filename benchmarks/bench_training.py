@@ -12,7 +12,7 @@ import argparse
 import time
 
 import torch
-from _flops import measure_matmul_gflops
+from _flops import measure_matmul_gflops, measure_onednn_gemm_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from lesa_model.config import ModelConfig, TrainerConfig
@@ -71,6 +71,11 @@ def main() -> None:
     print(f"fp32 matmul ceiling         {ceiling:.1f} GFLOP/s")
     print(f"ratio to ceiling (median)   {flops / median / 1e9 / ceiling:.2f}  (target >= 0.5)")
     print(f"ratio to ceiling (best)     {flops / best / 1e9 / ceiling:.2f}")
+    onednn = measure_onednn_gemm_gflops(2.0)
+    print(
+        f"fp32 GEMM via oneDNN        {onednn:.1f} GFLOP/s (context: on AMD CPUs MKL's torch.mm "
+        "takes its AVX2 path and oneDNN does not)"
+    )
 
 
 if __name__ == "__main__":

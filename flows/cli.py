@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -40,10 +41,15 @@ def prepare_process() -> None:
     """Process settings for an entry point that may start a temporary local Prefect API.
 
     SIGTERM becomes a normal exit, so Prefect marks the run and stops that API; the API's
-    usage telemetry is off, since offline it only logs connection errors.
+    usage telemetry is off, since offline it only logs connection errors. Dask's own INFO lines
+    (every worker's start-up banner) are held back here and in the workers this process starts,
+    so the console shows the pipeline's progress; set ``DASK_LOGGING__DISTRIBUTED=info`` to see
+    them.
     """
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.getLogger("distributed").setLevel(os.environ["DASK_LOGGING__DISTRIBUTED"].upper())
 
 
 def overrides_from(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
