@@ -62,6 +62,14 @@ def print_metrics(metrics: MethodMetrics, *, title: str, console: Console | None
     (console or Console()).print(table)
 
 
+def print_run(result: Mapping[str, Any], *, title: str) -> None:
+    """Print a finished run's metrics table and summary lines (an entry point's last output)."""
+    console = Console()
+    print_metrics(result["metrics"], title=title, console=console)
+    for line in result["summary"]:
+        console.print(line, markup=False)
+
+
 def publish_run_artifacts(
     *,
     run_name: str,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigError, parse_override
+from tasks.config import ConfigError, PipelineConfig, load_config, parse_override
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
 """The embedded default run config (emoji-scenes, EfficientNet-Lite0, offline GloVe)."""
@@ -58,3 +58,24 @@ def overrides_from(parser: argparse.ArgumentParser, items: list[str]) -> dict[st
         return dict(parse_override(item) for item in items)
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+def checked_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[dict[str, Any], PipelineConfig | None]:
+    """Process set-up, then the run config with its ``--set`` overrides, validated before any
+    work starts. An invalid config prints the error (naming the key) and gives ``None``, for
+    which the entry point exits with status 2."""
+    prepare_process()
+    overrides = overrides_from(parser, args.overrides)
+    try:
+        return overrides, load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return overrides, None
+
+
+def warn_without_api(consequence: str) -> None:
+    """Say so when no Prefect server is configured: a temporary API is reachable by nobody."""
+    if not os.environ.get("PREFECT_API_URL"):
+        print(f"warning: PREFECT_API_URL is not set; {consequence}", file=sys.stderr)

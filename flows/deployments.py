@@ -14,8 +14,6 @@ interval schedule.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -24,10 +22,9 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from, prepare_process
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, warn_without_api
 from flows.full_pipeline import lesa
 from flows.watch import watch_labels
-from tasks.config import ConfigError, load_config
 from tasks.events import LABELS_UPDATED_EVENT, RESOURCE_PREFIX
 
 DEPLOYMENT_NAME = "full-pipeline"
@@ -102,19 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, default=1, help="concurrent runs (default: 1)")
     args = parser.parse_args(argv)
-    prepare_process()
-    overrides = overrides_from(parser, args.overrides)
-    try:
-        load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    overrides, cfg = checked_config(parser, args)
+    if cfg is None:
         return 2
-    if not os.environ.get("PREFECT_API_URL"):
-        print(
-            "warning: PREFECT_API_URL is not set; serving against a temporary local API that "
-            "nothing else can reach (start one with: python -m infra.local_stack)",
-            file=sys.stderr,
-        )
+    warn_without_api(
+        "serving against a temporary local API that nothing else can reach "
+        "(start one with: python -m infra.local_stack)"
+    )
     serve(
         *build_deployments(
             config=args.config,

@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger
-from rich.console import Console
 
-from flows.artifacts import print_metrics, publish_run_artifacts
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from, prepare_process
+from flows.artifacts import print_run, publish_run_artifacts
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
 from flows.full_pipeline import prepare_inputs
-from tasks.config import ConfigError, load_config
+from tasks.config import load_config
 from tasks.evaluation import evaluate_checkpoint_task, expected_metadata, report_prefix
 from tasks.storage import Storage
 from tasks.training import checkpoint_url
@@ -119,22 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="which checkpoint (default: evaluation.checkpoint of the config)",
     )
     args = parser.parse_args(argv)
-    prepare_process()
-    overrides = overrides_from(parser, args.overrides)
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    overrides, cfg = checked_config(parser, args)
+    if cfg is None:
         return 2
     try:
         result = evaluate(config=args.config, overrides=overrides, checkpoint=args.checkpoint)
     except Exception as exc:
         print(f"error: evaluation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    console = Console()
-    print_metrics(result["metrics"], title=f"LESA run {cfg.run_name} (evaluation)", console=console)
-    for line in result["summary"]:
-        console.print(line, markup=False)
+    print_run(result, title=f"LESA run {cfg.run_name} (evaluation)")
     return 0
 
 

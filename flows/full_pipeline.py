@@ -18,12 +18,11 @@ import sys
 from typing import Any, NamedTuple
 
 from prefect import flow, get_run_logger
-from rich.console import Console
 
-from flows.artifacts import print_metrics, publish_run_artifacts
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from, prepare_process
+from flows.artifacts import print_run, publish_run_artifacts
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
 from tasks.baselines import mean_pool_config
-from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.config import PipelineConfig, load_config
 from tasks.datasets import prepare_dataset_task
 from tasks.embeddings import EmbeddingResult, embed_labels_task
 from tasks.evaluation import (
@@ -163,22 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    prepare_process()
-    overrides = overrides_from(parser, args.overrides)
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    overrides, cfg = checked_config(parser, args)
+    if cfg is None:
         return 2
     try:
         result = lesa(config=args.config, overrides=overrides)
     except Exception as exc:
         print(f"error: the pipeline failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    console = Console()
-    print_metrics(result["metrics"], title=f"LESA run {cfg.run_name}", console=console)
-    for line in result["summary"]:
-        console.print(line, markup=False)
+    print_run(result, title=f"LESA run {cfg.run_name}")
     return 0
 
 

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         epilog=(
             "examples:\n"
-            "  python -m flows.predict --checkpoint .lesa-data/runs/emoji-default/checkpoints/best.pt "
+            "  python -m flows.predict "
+            "--checkpoint .lesa-data/runs/emoji-default/checkpoints/best.pt "
             "--images photo.jpg other.png\n"
             "  python -m flows.predict --checkpoint s3://bucket/lesa/runs/r1/checkpoints/best.pt "
             "--images s3://bucket/new-photos/ --labels labels.txt --top-k 10 --attention-maps"

@@ -12,16 +12,14 @@ holds the trigger.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, overrides_from, prepare_process
-from tasks.config import ConfigError, load_config
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, warn_without_api
+from tasks.config import load_config
 from tasks.events import check_labels_task, emit_labels_updated_task, record_version_task
 from tasks.storage import Storage
 
@@ -67,19 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--every", type=float, metavar="SECONDS", help="keep polling at this interval"
     )
     args = parser.parse_args(argv)
-    prepare_process()
-    overrides = overrides_from(parser, args.overrides)
-    try:
-        load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    overrides, cfg = checked_config(parser, args)
+    if cfg is None:
         return 2
-    if not os.environ.get("PREFECT_API_URL"):
-        print(
-            "warning: PREFECT_API_URL is not set; events go to a temporary local API and "
-            "trigger nothing",
-            file=sys.stderr,
-        )
+    warn_without_api("events go to a temporary local API and trigger nothing")
     while True:
         watch_labels(config=args.config, overrides=overrides)
         if args.every is None:
