@@ -17,6 +17,8 @@ from prefect.artifacts import (
 from rich.console import Console
 from rich.table import Table
 
+from tasks.evaluation import EvaluationResult
+
 METRICS_ARTIFACT_KEY = "lesa-metrics"
 SUMMARY_ARTIFACT_KEY = "lesa-summary"
 REPORT_ARTIFACT_KEY = "lesa-report"
@@ -71,17 +73,12 @@ def print_run(result: Mapping[str, Any], *, title: str) -> None:
 
 
 def publish_run_artifacts(
-    *,
-    run_name: str,
-    metrics: MethodMetrics,
-    summary_lines: Sequence[str],
-    report_markdown: str,
-    report_urls: Mapping[str, str],
+    run_name: str, evaluation: EvaluationResult, summary_lines: Sequence[str]
 ) -> None:
     """Attach the metrics table, a Markdown summary, the report and links to its files."""
     create_table_artifact(
         key=METRICS_ARTIFACT_KEY,
-        table=metrics_rows(metrics),
+        table=metrics_rows(evaluation.metrics),
         description=f"ZSL / GZSL metrics (%) of run {run_name}",
     )
     markdown = "\n".join(
@@ -92,16 +89,18 @@ def publish_run_artifacts(
             "",
             "## Reports",
             "",
-            *(f"- {name}: `{url}`" for name, url in report_urls.items()),
+            *(f"- {name}: `{url}`" for name, url in evaluation.report_urls.items()),
         ]
     )
     create_markdown_artifact(
         key=SUMMARY_ARTIFACT_KEY, markdown=markdown, description=f"Summary of run {run_name}"
     )
     create_markdown_artifact(
-        key=REPORT_ARTIFACT_KEY, markdown=report_markdown, description=f"Report of run {run_name}"
+        key=REPORT_ARTIFACT_KEY,
+        markdown=evaluation.report_markdown,
+        description=f"Report of run {run_name}",
     )
-    for name, url in report_urls.items():
+    for name, url in evaluation.report_urls.items():
         create_link_artifact(
             key=f"{REPORT_ARTIFACT_KEY}-{_slug(name)}",
             link=_as_link(url),

@@ -16,24 +16,29 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "defau
 """The embedded default run config (emoji-scenes, EfficientNet-Lite0, offline GloVe)."""
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+CONFIG_HELP = "YAML run config: a path, file:// or s3:// URL (default: configs/default.yaml)"
+SET_HELP = (
+    "override one config value, e.g. --set train.steps=200 --set "
+    "storage.root=s3://bucket/lesa (repeatable; VALUE is read as YAML)"
+)
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    default: str | None = DEFAULT_CONFIG,
+    config_help: str = CONFIG_HELP,
+    set_help: str = SET_HELP,
+) -> None:
     """``--config`` and repeatable ``--set key.path=value`` overrides."""
-    parser.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        metavar="PATH_OR_URL",
-        help="YAML run config: a path, file:// or s3:// URL (default: configs/default.yaml)",
-    )
+    parser.add_argument("--config", default=default, metavar="PATH_OR_URL", help=config_help)
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=(
-            "override one config value, e.g. --set train.steps=200 --set "
-            "storage.root=s3://bucket/lesa (repeatable; VALUE is read as YAML)"
-        ),
+        help=set_help,
     )
 
 

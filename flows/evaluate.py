@@ -86,13 +86,7 @@ def evaluate(
         expected_metadata=expected_metadata(cfg),
     )
     lines = [f"- {line}" for line in result.describe()]
-    publish_run_artifacts(
-        run_name=cfg.run_name,
-        metrics=result.metrics,
-        summary_lines=lines,
-        report_markdown=result.report_markdown,
-        report_urls=result.report_urls,
-    )
+    publish_run_artifacts(cfg.run_name, result, lines)
     return {
         "run_name": cfg.run_name,
         "metrics": result.metrics,

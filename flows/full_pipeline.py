@@ -126,13 +126,7 @@ def lesa(
     lines = summary_lines(training, evaluation, labels_update)
     for line in lines:
         logger.info(line.removeprefix("- "))
-    publish_run_artifacts(
-        run_name=cfg.run_name,
-        metrics=evaluation.metrics,
-        summary_lines=lines,
-        report_markdown=evaluation.report_markdown,
-        report_urls=evaluation.report_urls,
-    )
+    publish_run_artifacts(cfg.run_name, evaluation, lines)
     return {
         "run_name": cfg.run_name,
         "metrics": evaluation.metrics,

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from pydantic import ValidationError
 from rich.console import Console
 
-from flows.cli import overrides_from
+from flows.cli import add_config_arguments, overrides_from
 from tasks.config import ConfigError, load_config
 from tasks.prediction import (
     DEFAULT_BATCH_SIZE,
@@ -153,19 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_BATCH_SIZE,
         help=f"images per backbone pass (default {DEFAULT_BATCH_SIZE})",
     )
-    parser.add_argument(
-        "--config",
-        metavar="PATH_OR_URL",
-        help="run config whose storage section says how to reach s3:// URLs (default: the "
-        "AWS_* environment variables)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="storage setting, e.g. --set storage.endpoint_url=http://127.0.0.1:9000 (repeatable)",
+    add_config_arguments(
+        parser,
+        default=None,
+        config_help="run config whose storage section says how to reach s3:// URLs "
+        "(default: the AWS_* environment variables)",
+        set_help="storage setting, e.g. --set storage.endpoint_url=http://127.0.0.1:9000 "
+        "(repeatable)",
     )
     args = parser.parse_args(argv)
     if args.top_k < 1:

@@ -34,7 +34,4 @@ def random_ranking(num_images: int, num_labels: int, *, seed: int = 0) -> np.nda
     return np.random.default_rng(seed).random((num_images, num_labels), dtype=np.float32)
 
 
-@task(name="random-ranking")
-def random_ranking_task(num_images: int, num_labels: int, *, seed: int = 0) -> np.ndarray:
-    """Prefect wrapper of :func:`random_ranking`."""
-    return random_ranking(num_images, num_labels, seed=seed)
+random_ranking_task = task(name="random-ranking")(random_ranking)

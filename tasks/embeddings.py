@@ -336,14 +336,9 @@ def embed_words(
     return _result(labels, tokens, embeddings, config, url=None, cached=False)
 
 
-@task(
+embed_labels_task = task(
     name="embed-labels",
     retries=2,
     retry_delay_seconds=10,
     retry_condition_fn=retry_unless_bad_input,
-)
-def embed_labels_task(
-    vocabulary: pd.DataFrame, config: EmbeddingConfig, storage: Storage
-) -> EmbeddingResult:
-    """Prefect wrapper of :func:`embed_labels`."""
-    return embed_labels(vocabulary, config, storage)
+)(embed_labels)

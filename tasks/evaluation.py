@@ -296,39 +296,13 @@ def _baseline_metrics(
     return results
 
 
-@task(
+evaluate_checkpoint_task = task(
     name="evaluate",
     retries=1,
     retry_delay_seconds=10,
     cache_policy=NO_CACHE,
     retry_condition_fn=retry_unless_bad_input,
-)
-def evaluate_checkpoint_task(
-    config: EvaluationConfig,
-    storage: Storage,
-    *,
-    checkpoint_url: str,
-    tables: DatasetTables,
-    features: FeatureSet,
-    embeddings: EmbeddingResult,
-    image_size: int,
-    report_prefix: str,
-    baseline_checkpoints: Mapping[str, str] | None = None,
-    expected_metadata: Mapping[str, object] | None = None,
-) -> EvaluationResult:
-    """Prefect wrapper of :func:`evaluate_checkpoint` (retried: it reads storage)."""
-    return evaluate_checkpoint(
-        config,
-        storage,
-        checkpoint_url=checkpoint_url,
-        tables=tables,
-        features=features,
-        embeddings=embeddings,
-        image_size=image_size,
-        report_prefix=report_prefix,
-        baseline_checkpoints=baseline_checkpoints,
-        expected_metadata=expected_metadata,
-    )
+)(evaluate_checkpoint)
 
 
 def report_prefix(storage: Storage, run_name: str) -> str:

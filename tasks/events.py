@@ -195,23 +195,16 @@ def emit_labels_updated(
     return None if event is None else str(event.id)
 
 
-@task(name="check-labels", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def check_labels_task(
-    config: PipelineConfig, storage: Storage
-) -> tuple[LabelsUpdate | None, LabelVersion | None]:
-    """Prefect wrapper of :func:`check_labels`; retried because it reads storage (S3)."""
-    return check_labels(config, storage)
+check_labels_task = task(
+    name="check-labels", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE
+)(check_labels)
 
 
-@task(name="record-label-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def record_version_task(config: PipelineConfig, storage: Storage, version: LabelVersion) -> None:
-    """Prefect wrapper of :func:`record_version`."""
-    record_version(config, storage, version)
+record_version_task = task(
+    name="record-label-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE
+)(record_version)
 
 
-@task(name="emit-labels-updated", cache_policy=NO_CACHE)
-def emit_labels_updated_task(
-    update: LabelsUpdate, *, config_source: str, overrides: dict[str, Any] | None
-) -> str | None:
-    """Prefect wrapper of :func:`emit_labels_updated`."""
-    return emit_labels_updated(update, config_source=config_source, overrides=overrides)
+emit_labels_updated_task = task(name="emit-labels-updated", cache_policy=NO_CACHE)(
+    emit_labels_updated
+)

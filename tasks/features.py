@@ -693,18 +693,9 @@ def _run_shards(
         )
 
 
-@task(
+extract_features_task = task(
     name="extract-features",
     retries=1,
     retry_delay_seconds=10,
     retry_condition_fn=retry_unless_bad_input,
-)
-def extract_features_task(
-    label_table: pd.DataFrame,
-    images_prefix: str,
-    config: FeaturesConfig,
-    storage: Storage,
-    out_prefix: str,
-) -> FeatureSet:
-    """Prefect wrapper of :func:`extract_features`; a retry redoes only the uncommitted shards."""
-    return extract_features(label_table, images_prefix, config, storage, out_prefix)
+)(extract_features)

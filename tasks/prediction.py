@@ -454,43 +454,13 @@ def print_predictions(
         console.print(f"skipped {item.uri}: {item.reason} ({item.detail})", markup=False)
 
 
-@task(name="load-predictor", cache_policy=NO_CACHE)
-def load_predictor_task(checkpoint: str, storage: Storage) -> Predictor:
-    """Prefect wrapper of :func:`load_predictor`."""
-    return load_predictor(checkpoint, storage)
+load_predictor_task = task(name="load-predictor", cache_policy=NO_CACHE)(load_predictor)
 
 
-@task(name="predict-images", cache_policy=NO_CACHE)
-def predict_images_task(
-    predictor: Predictor,
-    uris: Sequence[str],
-    labels: Sequence[str],
-    storage: Storage,
-    *,
-    top_k: int = DEFAULT_TOP_K,
-    attention: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    skipped: Sequence[SkippedImage] = (),
-) -> Predictions:
-    """Prefect wrapper of :func:`predict_images`."""
-    return predict_images(
-        predictor,
-        uris,
-        labels,
-        storage,
-        top_k=top_k,
-        attention=attention,
-        batch_size=batch_size,
-        skipped=skipped,
-    )
+predict_images_task = task(name="predict-images", cache_policy=NO_CACHE)(predict_images)
 
 
-@task(name="write-predictions", cache_policy=NO_CACHE)
-def write_predictions_task(
-    predictions: Predictions, storage: Storage, out: str, *, attention_maps: bool = False
-) -> PredictionArtifacts:
-    """Prefect wrapper of :func:`write_predictions`."""
-    return write_predictions(predictions, storage, out, attention_maps=attention_maps)
+write_predictions_task = task(name="write-predictions", cache_policy=NO_CACHE)(write_predictions)
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -195,27 +195,7 @@ def write_report(
     return ReportArtifacts(metrics_url=metrics_url, report_url=report_url, plot_urls=plot_urls)
 
 
-@task(name="write-report")
-def write_report_task(
-    metrics: SettingMetrics,
-    *,
-    label_ap: pd.DataFrame,
-    curve: pd.DataFrame,
-    storage: Storage,
-    prefix: str,
-    baselines: Mapping[str, SettingMetrics] | None = None,
-    pointing: PointingGameResult | None = None,
-) -> ReportArtifacts:
-    """Prefect wrapper of :func:`write_report`."""
-    return write_report(
-        metrics,
-        label_ap=label_ap,
-        curve=curve,
-        storage=storage,
-        prefix=prefix,
-        baselines=baselines,
-        pointing=pointing,
-    )
+write_report_task = task(name="write-report")(write_report)
 
 
 def pointing_summary(result: PointingGameResult) -> dict[str, float | int]:

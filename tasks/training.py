@@ -113,16 +113,13 @@ def load_tables(storage: Storage, dataset: DatasetArtifacts) -> DatasetTables:
     )
 
 
-@task(
+load_tables_task = task(
     name="validate-label-table",
     retries=2,
     retry_delay_seconds=5,
     cache_policy=NO_CACHE,
     retry_condition_fn=retry_unless_bad_input,
-)
-def load_tables_task(storage: Storage, dataset: DatasetArtifacts) -> DatasetTables:
-    """Prefect wrapper of :func:`load_tables` (retried: it reads storage)."""
-    return load_tables(storage, dataset)
+)(load_tables)
 
 
 def embedded(labels: Sequence[str], embeddings: EmbeddingResult) -> list[str]:

@@ -56,12 +56,9 @@ def prepare_dataset(config: DatasetConfig, storage: Storage) -> DatasetArtifacts
     return _PREPARERS[source](config, storage)
 
 
-@task(
+prepare_dataset_task = task(
     name="prepare-dataset",
     retries=2,
     retry_delay_seconds=10,
     retry_condition_fn=retry_unless_bad_input,
-)
-def prepare_dataset_task(config: DatasetConfig, storage: Storage) -> DatasetArtifacts:
-    """Prefect wrapper of :func:`prepare_dataset`."""
-    return prepare_dataset(config, storage)
+)(prepare_dataset)

@@ -489,7 +489,4 @@ def prepare_emoji_scenes(config: EmojiScenesConfig, storage: Storage) -> Dataset
     )
 
 
-@task(name="prepare-emoji-scenes")
-def prepare_emoji_scenes_task(config: EmojiScenesConfig, storage: Storage) -> DatasetArtifacts:
-    """Prefect wrapper of :func:`prepare_emoji_scenes`."""
-    return prepare_emoji_scenes(config, storage)
+prepare_emoji_scenes_task = task(name="prepare-emoji-scenes")(prepare_emoji_scenes)

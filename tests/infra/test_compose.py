@@ -1,0 +1,90 @@
+"""The production compose file and image agree with the code they run.
+
+Docker is not available to the test suite, so these read ``infra/docker-compose.yml`` and
+``infra/Dockerfile`` as data and check them against the real config loader and package layout:
+a renamed config key, bucket or package breaks here instead of in a user's first deployment.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from flows.cli import DEFAULT_CONFIG
+from tasks.config import load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+PIPELINE_SERVICES = ("dask-scheduler", "dask-worker", "prefect-worker")
+
+
+def _command(service: str) -> list[str]:
+    return shlex.split(SERVICES[service]["command"])
+
+
+def _overrides(service: str) -> dict[str, object]:
+    words = _command(service)
+    return dict(parse_override(words[i + 1]) for i, word in enumerate(words) if word == "--set")
+
+
+def test_the_stack_has_every_service_the_docs_promise() -> None:
+    assert set(SERVICES) == {
+        "postgres",
+        "prefect-server",
+        "minio",
+        "minio-bucket",
+        "dask-scheduler",
+        "dask-worker",
+        "prefect-worker",
+    }
+    assert (
+        "postgresql+asyncpg://"
+        in (SERVICES["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"])
+    )
+
+
+def test_every_process_running_pipeline_code_uses_the_one_lesa_image() -> None:
+    images = {SERVICES[name]["image"] for name in PIPELINE_SERVICES}
+    assert images == {"lesa:latest"}
+    builds = [SERVICES[name]["build"] for name in PIPELINE_SERVICES if "build" in SERVICES[name]]
+    assert len(builds) == 1
+    assert (ROOT / "infra" / builds[0]["dockerfile"]).parent.parent == ROOT / "infra"
+    assert (ROOT / builds[0]["dockerfile"]).is_file()
+
+
+def test_the_workers_default_overrides_are_a_valid_run_config() -> None:
+    assert _command("prefect-worker")[:3] == ["python", "-m", "flows.deployments"]
+    config = load_config(DEFAULT_CONFIG, _overrides("prefect-worker"))
+    bucket = re.search(
+        r"mc mb --ignore-existing lesa/([\w.-]+)", SERVICES["minio-bucket"]["entrypoint"]
+    )
+    assert bucket is not None
+    assert config.storage.root.startswith(f"s3://{bucket.group(1)}/")
+    scheduler = _command("dask-scheduler")
+    port = scheduler[scheduler.index("--port") + 1]
+    assert config.features.dask.address == f"tcp://dask-scheduler:{port}"
+    assert _command("dask-worker")[2] == config.features.dask.address
+
+
+def test_pipeline_processes_reach_minio_through_the_aws_variables_storage_reads() -> None:
+    environment = SERVICES["prefect-worker"]["environment"]
+    assert environment.items() <= SERVICES["dask-worker"]["environment"].items()
+    minio_port = SERVICES["minio"]["ports"][0].split(":")[1]
+    assert environment["AWS_ENDPOINT_URL"] == f"http://minio:{minio_port}"
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"} <= set(environment)
+    assert environment["PREFECT_API_URL"].startswith("http://prefect-server:4200")
+
+
+def test_the_image_copies_every_installed_package() -> None:
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) \1$", dockerfile, flags=re.MULTILINE))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {
+        name.rstrip("*") for name in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    assert packages | {"configs"} <= copied
