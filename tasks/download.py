@@ -34,6 +34,7 @@ from tasks.storage import Storage
 logger = logging.getLogger(__name__)
 
 REJECT_STAGE = "download"
+PLACEHOLDER_REASON = "placeholder"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -45,6 +46,11 @@ class DownloadConfig(StrictModel):
     backoff_s: float = Field(0.5, ge=0.0, le=60.0)
     timeout_s: float = Field(30.0, gt=0.0)
     user_agent: str = "lesa-dataset-downloader/0.1"
+    placeholder_redirects: list[str] = Field(
+        default_factory=lambda: ["photo_unavailable"],
+        description="a URL redirected to a location containing one of these is a placeholder "
+        "(Flickr sends removed photos to its photo_unavailable image), whatever its bytes",
+    )
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,10 @@ class _Fetcher:
                 return None, "bad-url"
             if response.status_code != 200:
                 return None, f"http-{response.status_code}"
+            if response.history and any(
+                marker in response.url for marker in self._config.placeholder_redirects
+            ):
+                return None, PLACEHOLDER_REASON
             return response.content, ""
         return None, "truncated"
 
@@ -168,8 +178,9 @@ def download_many(
 
     ``check`` validates the bytes (e.g. :func:`tasks.images.check_download`) and rejects by
     raising :class:`~tasks.images.ImageRejected`; a rejected file is never written. Dead links
-    (HTTP 4xx) fall through to the item's next URL; a file that fails ``check`` does not, since
-    all sizes of a removed photo are the same placeholder.
+    (HTTP 4xx) fall through to the item's next URL; a placeholder (by redirect or by ``check``)
+    or a file that fails ``check`` does not, since all sizes of a removed photo are the same
+    placeholder.
     """
     config = config or DownloadConfig()
     duplicated = sorted(key for key, n in Counter(item.key for item in items).items() if n > 1)
@@ -185,6 +196,8 @@ def download_many(
         uri, reason = "", ""
         for uri in item.urls:
             data, reason = _fetch_one(uri, fetcher, storage)
+            if reason == PLACEHOLDER_REASON:
+                break
             if data is None:
                 continue
             try:

@@ -32,8 +32,10 @@ FLICKR_PLACEHOLDER_SHA256: frozenset[str] = frozenset()
 """SHA-256 digests of Flickr's "photo unavailable" placeholder image.
 
 The real digest could not be obtained offline, so this default is empty and callers pass the
-digests they know (``NusWideConfig.placeholder_sha256``). The placeholder is a small PNG, so
-the ``too-small-file`` rule already catches it when no digest is configured."""
+digests they know (``NusWideConfig.placeholder_sha256``). Flickr answers a removed photo's URL
+with a redirect to its ``photo_unavailable`` image, which :func:`tasks.download.download_many`
+rejects by that redirect (``DownloadConfig.placeholder_redirects``) whatever its bytes; the
+digests catch a placeholder served or stored without one."""
 
 
 class ImageRejected(ValueError):

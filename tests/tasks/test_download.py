@@ -46,6 +46,8 @@ class _Server:
                     count = owner.hits[self.path]
                 status, body = owner.route(self.path, count)
                 self.send_response(status)
+                if status == 302:
+                    self.send_header("Location", body.decode())
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -64,6 +66,12 @@ class _Server:
             return 200, SMALL
         if path == "/placeholder.jpg":
             return 200, PLACEHOLDER
+        if path == "/removed.jpg":  # how Flickr answers for a deleted photo
+            return 302, b"/images/photo_unavailable.png"
+        if path == "/moved.jpg":  # an ordinary redirect to a real photo
+            return 302, b"/ok/moved.jpg"
+        if path == "/images/photo_unavailable.png":
+            return 200, b"a placeholder whose digest nobody configured" * 200
         return 404, b"not found"
 
     def url(self, path: str) -> str:
@@ -122,6 +130,25 @@ def test_download_outcomes_retries_and_rejects(server: _Server, storage: Storage
     assert set(result.rejects["stage"]) == {"download"}
     for key in reasons:
         assert not storage.exists(f"{target}/{key}.jpg")
+
+
+def test_redirect_to_the_unavailable_image_is_a_placeholder(
+    server: _Server, storage: Storage
+) -> None:
+    target = storage.url("images")
+    items = [
+        DownloadItem(
+            "removed", (server.url("/removed.jpg"), server.url("/ok/r.jpg")), f"{target}/r"
+        ),
+        DownloadItem("moved", (server.url("/moved.jpg"),), f"{target}/m"),
+    ]
+    result = download_many(items, storage, FAST, check=_check)
+
+    assert result.downloaded == ["moved"]
+    assert storage.read_bytes(f"{target}/m") == PHOTO + b"/ok/moved.jpg"
+    assert result.rejects[["image_id", "reason"]].values.tolist() == [["removed", "placeholder"]]
+    assert not storage.exists(f"{target}/r")
+    assert server.hits["/ok/r.jpg"] == 0, "every size of a removed photo is the placeholder"
 
 
 def test_download_resumes_without_refetching(server: _Server, storage: Storage) -> None:
