@@ -10,7 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigError, PipelineConfig, load_config, parse_override
+from tasks.config import (
+    ConfigError,
+    PipelineConfig,
+    check_input_files,
+    load_config,
+    parse_override,
+)
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
 """The embedded default run config (emoji-scenes, EfficientNet-Lite0, offline GloVe)."""
@@ -66,15 +72,19 @@ def overrides_from(parser: argparse.ArgumentParser, items: list[str]) -> dict[st
 
 
 def checked_config(
-    parser: argparse.ArgumentParser, args: argparse.Namespace
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_inputs: bool = True
 ) -> tuple[dict[str, Any], PipelineConfig | None]:
     """Process set-up, then the run config with its ``--set`` overrides, validated before any
-    work starts. An invalid config prints the error (naming the key) and gives ``None``, for
-    which the entry point exits with status 2."""
+    work starts. An invalid config, or (with ``check_inputs``) a local input file it names that
+    does not exist, prints the error (naming the key) and gives ``None``, for which the entry
+    point exits with status 2."""
     prepare_process()
     overrides = overrides_from(parser, args.overrides)
     try:
-        return overrides, load_config(args.config, overrides)
+        config = load_config(args.config, overrides)
+        if check_inputs:
+            check_input_files(config, args.config)
+        return overrides, config
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return overrides, None

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from flows.artifacts import print_run, publish_run_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
 from flows.full_pipeline import prepare_inputs
-from tasks.config import load_config
+from tasks.config import check_input_files, load_config
 from tasks.evaluation import evaluate_checkpoint_task, expected_metadata, report_prefix
 from tasks.storage import Storage
 from tasks.training import checkpoint_url
@@ -45,6 +45,7 @@ def evaluate(
     """
     logger = get_run_logger()
     cfg = load_config(config, overrides)
+    check_input_files(cfg, config)
     storage = Storage(cfg.storage)
     which = checkpoint or cfg.evaluation.checkpoint
     url = checkpoint_url(storage, cfg.run_name, which) if which in CHECKPOINT_CHOICES else which

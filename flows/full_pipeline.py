@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from flows.artifacts import print_run, publish_run_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
 from tasks.baselines import mean_pool_config
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig, check_input_files, load_config
 from tasks.datasets import prepare_dataset_task
 from tasks.embeddings import EmbeddingResult, embed_labels_task
 from tasks.evaluation import (
@@ -91,6 +91,7 @@ def lesa(
     """
     logger = get_run_logger()
     cfg = load_config(config, overrides)
+    check_input_files(cfg, config)
     storage = Storage(cfg.storage)
     logger.info("run %s: storage %s", cfg.run_name, storage.root)
 

@@ -17,8 +17,9 @@ import yaml
 from pydantic import Field, ValidationError
 
 from lesa_model.config import LossConfig, ModelConfig, StrictModel, TrainerConfig
+from tasks.backbones import PRETRAINED, RANDOM
 from tasks.datasets import DatasetConfig
-from tasks.embeddings import EmbeddingConfig
+from tasks.embeddings import GLOVE_FILE_PREFIX, EmbeddingConfig
 from tasks.evaluation import EvaluationConfig
 from tasks.features import FeaturesConfig
 from tasks.storage import StorageConfig
@@ -27,6 +28,8 @@ __all__ = [
     "ConfigError",
     "PipelineConfig",
     "apply_overrides",
+    "check_input_files",
+    "input_files",
     "load_config",
     "parse_override",
 ]
@@ -34,6 +37,22 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the file and the key path."""
+
+
+DATASET_INPUTS: dict[str, tuple[str, ...]] = {
+    "table": ("labels", "vocabulary", "images_prefix"),
+    "nus-wide": ("metadata", "images", "urls_file"),
+    "open-images": (
+        "class_descriptions",
+        "trainable_classes",
+        "unseen_classes",
+        "train_labels",
+        "val_labels",
+        "test_labels",
+        "images_prefix",
+    ),
+}
+"""Keys of each dataset source that name a file or folder the run reads."""
 
 
 class PipelineConfig(StrictModel):
@@ -153,3 +172,45 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, data, str(source))) from exc
+
+
+def input_files(config: PipelineConfig) -> dict[str, str]:
+    """Every file or folder the config names as an input, by key path (``dataset.labels``).
+
+    Unset optional keys, pretrained/random weights and built-in embedding sources name nothing.
+    """
+    dataset = config.dataset
+    found = {
+        f"dataset.{key}": value
+        for key in DATASET_INPUTS.get(dataset.source, ())
+        if (value := getattr(dataset, key))
+    }
+    if config.features.weights not in (PRETRAINED, RANDOM):
+        found["features.weights"] = config.features.weights
+    source = config.embeddings.source
+    if source.startswith(GLOVE_FILE_PREFIX):
+        found["embeddings.source"] = source.removeprefix(GLOVE_FILE_PREFIX).strip()
+    return found
+
+
+def check_input_files(config: PipelineConfig, origin: str | Path) -> None:
+    """Fail before any work starts when a local input file the config names does not exist.
+
+    Only local paths (plain or ``file://``) are checked: asking S3 or HTTP here would make a
+    config check wait on the network, and the stage that reads a remote input reports a missing
+    one itself (and retries a transient failure).
+
+    Raises:
+        ConfigError: naming each key whose local file or folder is missing.
+    """
+    missing = [
+        f"  {key}: file not found: {value}"
+        for key, value in input_files(config).items()
+        if _is_local(value) and not Path(value.removeprefix("file://")).expanduser().exists()
+    ]
+    if missing:
+        raise ConfigError("\n".join([f"invalid config {origin}:", *missing]))
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")

@@ -54,6 +54,29 @@ def test_bad_config_fails_before_any_work(
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.parametrize("module", ["flows.full_pipeline", "flows.evaluate", "flows.deployments"])
+def test_missing_input_file_fails_before_any_work(
+    module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    data["storage"]["root"] = str(tmp_path / "store")
+    (tmp_path / "vocabulary.csv").write_text("label,seen\ncat,true\n")
+    data["dataset"] = {
+        "source": "table",
+        "labels": str(tmp_path / "labels.csv"),
+        "vocabulary": str(tmp_path / "vocabulary.csv"),
+    }
+    path = tmp_path / "table.yaml"
+    path.write_text(yaml.safe_dump(data))
+    started = time.monotonic()
+    assert importlib.import_module(module).main(["--config", str(path)]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert f"dataset.labels: file not found: {tmp_path / 'labels.csv'}" in err
+    assert "dataset.vocabulary" not in err
+    assert not (tmp_path / "store").exists()
+
+
 def test_missing_config_and_bad_override(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,8 +9,17 @@ import pytest
 import yaml
 
 from lesa_model.config import TrainerConfig
-from tasks.config import ConfigError, PipelineConfig, apply_overrides, load_config, parse_override
-from tasks.datasets import EmojiScenesConfig, NusWideConfig
+from tasks.config import (
+    DATASET_INPUTS,
+    ConfigError,
+    PipelineConfig,
+    apply_overrides,
+    check_input_files,
+    input_files,
+    load_config,
+    parse_override,
+)
+from tasks.datasets import EmojiScenesConfig, NusWideConfig, OpenImagesConfig, TableConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -134,6 +143,70 @@ def test_override_values_are_typed_like_yaml() -> None:
     assert parse_override(" storage.root = s3://b/p") == ("storage.root", "s3://b/p")
     with pytest.raises(ConfigError, match=r"key\.path=value"):
         parse_override("train.lr")
+
+
+def table_config(tmp_path: Path, tiny_data: dict, **changes: str) -> PipelineConfig:
+    """The tiny config on a ``table`` dataset whose label table and vocabulary exist."""
+    (tmp_path / "labels.csv").write_text("uri,split,positives\n")
+    (tmp_path / "vocabulary.csv").write_text("label,seen\n")
+    dataset = {
+        "source": "table",
+        "labels": str(tmp_path / "labels.csv"),
+        "vocabulary": f"file://{tmp_path / 'vocabulary.csv'}",
+    }
+    return load_config(write_config(tmp_path, {**tiny_data, "dataset": dataset}), changes)
+
+
+def test_input_keys_are_fields_of_their_dataset_source() -> None:
+    classes = {"table": TableConfig, "nus-wide": NusWideConfig, "open-images": OpenImagesConfig}
+    assert set(DATASET_INPUTS) == set(classes)
+    for source, keys in DATASET_INPUTS.items():
+        assert set(keys) <= set(classes[source].model_fields), source
+
+
+def test_input_files_lists_every_named_input_by_key(tmp_path: Path, tiny_data: dict) -> None:
+    assert input_files(load_config(CONFIGS / "tiny.yaml")) == {}
+    config = table_config(
+        tmp_path,
+        tiny_data,
+        **{"features.weights": "/w/lite0.pt", "embeddings.source": "glove-file: s3://b/g.txt"},
+    )
+    assert input_files(config) == {
+        "dataset.labels": str(tmp_path / "labels.csv"),
+        "dataset.vocabulary": f"file://{tmp_path / 'vocabulary.csv'}",
+        "features.weights": "/w/lite0.pt",
+        "embeddings.source": "s3://b/g.txt",
+    }
+    assert set(input_files(load_config(CONFIGS / "open-images.yaml"))) == {
+        f"dataset.{key}" for key in DATASET_INPUTS["open-images"]
+    }
+
+
+def test_missing_local_inputs_are_named_by_key(tmp_path: Path, tiny_data: dict) -> None:
+    config = table_config(tmp_path, tiny_data)
+    check_input_files(config, "run.yaml")
+    config = table_config(
+        tmp_path,
+        tiny_data,
+        **{
+            "dataset.labels": str(tmp_path / "gone.csv"),
+            "features.weights": f"file://{tmp_path / 'gone.pt'}",
+            "embeddings.source": f"glove-file:{tmp_path / 'gone.txt'}",
+        },
+    )
+    with pytest.raises(ConfigError) as error:
+        check_input_files(config, "run.yaml")
+    assert str(error.value).splitlines() == [
+        "invalid config run.yaml:",
+        f"  dataset.labels: file not found: {tmp_path / 'gone.csv'}",
+        f"  features.weights: file not found: file://{tmp_path / 'gone.pt'}",
+        f"  embeddings.source: file not found: {tmp_path / 'gone.txt'}",
+    ]
+
+
+def test_remote_inputs_are_left_to_their_stage() -> None:
+    check_input_files(load_config(CONFIGS / "open-images.yaml"), "open-images.yaml")
+    check_input_files(load_config(CONFIGS / "nus-wide.yaml"), "nus-wide.yaml")
 
 
 @pytest.mark.slow
