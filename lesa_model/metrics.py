@@ -34,6 +34,8 @@ def _check_inputs(scores: np.ndarray, labels: np.ndarray) -> None:
         raise ValueError(f"labels have shape {labels.shape}, scores have shape {scores.shape}")
     if not np.issubdtype(scores.dtype, np.floating):
         raise ValueError(f"scores must be floating point, got dtype {scores.dtype}")
+    if scores.shape[0] == 0:
+        raise ValueError("scores have no images (N = 0)")
     if scores.shape[1] == 0:
         raise ValueError("scores have no labels (C = 0)")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -163,8 +165,8 @@ def _check_ks(ks: Sequence[int], num_labels: int) -> None:
     if len(ks) == 0:
         raise ValueError("ks is empty: give at least one K")
     for k in ks:
-        if int(k) != k or k < 1:
-            raise ValueError(f"K must be a positive integer, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"K must be a positive integer, got {k!r}")
         if k > num_labels:
             raise ValueError(f"K = {k} is larger than the number of labels ({num_labels})")
 

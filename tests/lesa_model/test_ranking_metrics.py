@@ -80,6 +80,25 @@ def test_hand_computed_f1_at_k() -> None:
     assert f1 == pytest.approx(2 * (1 / 3) * (2 / 3) / (1 / 3 + 2 / 3))
 
 
+def _loop_prf_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float, float]:
+    """REFERENCE.md section 3 written one image at a time (random scores: no ties at the K-th)."""
+    hits = 0
+    for row, truth in zip(scores, labels, strict=True):
+        top = sorted(range(len(row)), key=lambda column: -row[column])[:k]
+        hits += sum(1 for column in top if truth[column] == 1)
+    precision = hits / (len(scores) * k)
+    recall = hits / int((labels == 1).sum())
+    return precision, recall, 2 * precision * recall / (precision + recall)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_precision_recall_f1_equal_a_per_image_loop(k: int) -> None:
+    scores, labels = _random_problem(7, n=60, c=12)
+    assert precision_recall_f1_at_k(scores, labels, k) == pytest.approx(
+        _loop_prf_at_k(scores, labels, k), rel=1e-12
+    )
+
+
 def test_zero_shot_report_equals_column_slices() -> None:
     scores, labels = _random_problem(4, c=12)
     seen, unseen = [0, 2, 4, 6, 8, 10], [11, 3, 5]
@@ -125,3 +144,28 @@ def test_bad_input_is_named() -> None:
         evaluate_zero_shot(scores, labels, [0, 1], [])
     with pytest.raises(ValueError, match="outside"):
         evaluate_zero_shot(scores, labels, [0, 1], [7])
+
+
+def test_more_bad_input_is_named() -> None:
+    scores, labels = _random_problem(5, n=10, c=4)
+    infinite = scores.copy()
+    infinite[0, 0] = -np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        average_precision(infinite, labels)
+    with pytest.raises(ValueError, match="scores must be floating point"):
+        average_precision(scores.astype(np.int64), labels)
+    with pytest.raises(ValueError, match="2-D"):
+        average_precision(scores[:, 0], labels[:, 0])
+    with pytest.raises(ValueError, match=r"no labels \(C = 0\)"):
+        average_precision(scores[:, :0], labels[:, :0])
+    with pytest.raises(ValueError, match=r"no images \(N = 0\)"):
+        precision_recall_f1_at_k(scores[:0], labels[:0], 2)
+    for k in (0, 2.0, True):
+        with pytest.raises(ValueError, match="K must be a positive integer"):
+            precision_recall_f1_at_k(scores, labels, k)
+    with pytest.raises(ValueError, match=r"K = 3 is larger than the number of labels \(2\)"):
+        evaluate_zero_shot(scores, labels, [0, 1], [2, 3], ks=(1, 3))
+    with pytest.raises(ValueError, match="ks is empty"):
+        evaluate_zero_shot(scores, labels, [0, 1], [2, 3], ks=())
+    with pytest.raises(ValueError, match="duplicate"):
+        evaluate_zero_shot(scores, labels, [0, 0], [2, 3])
