@@ -133,6 +133,12 @@ class LESA(nn.Module):
     def forward(self, features: torch.Tensor, label_vectors: torch.Tensor) -> LesaOutput:
         """Score each label of ``label_vectors`` (C, d) in each image of ``features`` (B, R, D)."""
         check_tensor(features, "features", ndim=3)
+        weight_dtype = self.label_projection.weight.dtype
+        if features.dtype != weight_dtype:
+            raise ValueError(
+                f"features have dtype {features.dtype}, the model's weights {weight_dtype}: "
+                f"convert the features (features.to({weight_dtype}))"
+            )
         if features.shape[2] != self.feature_dim:
             raise ValueError(
                 f"features have dimension {features.shape[2]}, the model expects {self.feature_dim}"

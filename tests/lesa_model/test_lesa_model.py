@@ -93,6 +93,16 @@ def test_bad_input_is_named(inputs) -> None:
         model(features[0], vectors)
     with pytest.raises(ValueError, match="floating-point"):
         model(features.long(), vectors)
+    with pytest.raises(ValueError, match="features have dtype torch.float64"):
+        model(features.double(), vectors)
+    infinite = features.clone()
+    infinite[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match="features contains NaN or inf"):
+        model(infinite, vectors)
+    nan_vectors = vectors.clone()
+    nan_vectors[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="label_vectors contains NaN or inf"):
+        model(features, nan_vectors)
     with pytest.raises(ValueError, match="empty"):
         model(features, vectors[:0])
     zero = vectors.clone()
