@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib import colormaps
 from PIL import Image
 from rich.console import Console
 
@@ -22,6 +23,7 @@ from tasks.feature_reader import FEATURES_DATASET
 from tasks.features import FeaturesConfig, ShardPlan, extract_shard, feature_key
 from tasks.prediction import (
     PredictionError,
+    Predictions,
     checkpoint_features,
     find_images,
     image_features,
@@ -191,6 +193,52 @@ def test_outputs_csv_json_and_attention_maps(workspace, storage, tmp_path) -> No
     first = sorted(url for url in overlays if "0000-b" in url)
     assert Image.open(first[0]).size == (50, 90)
     assert Image.open(grids[0]).format == "PNG"
+
+
+def recovered_heat(overlay: Image.Image) -> np.ndarray:
+    """Invert a half-strength jet overlay on a black image: the heat whose colour is nearest."""
+    ramp = np.linspace(0.0, 1.0, 256)
+    colours = 0.5 * 255 * colormaps["jet"](ramp)[:, :3]
+    pixels = np.asarray(overlay.convert("RGB"), dtype=np.float64)
+    distance = ((pixels[..., None, :] - colours) ** 2).sum(axis=-1)
+    return ramp[distance.argmin(axis=-1)]
+
+
+def test_written_heatmaps_peak_in_the_attended_region_of_the_seen_crop(tmp_path) -> None:
+    """Each rank's PNG shows that rank's attention, over the centre crop the backbone saw.
+
+    120x80 image, crop fraction 0.875: the 2x2 grid covers x 25..95, y 5..75, 35 px a cell.
+    """
+    image = tmp_path / "black.png"
+    Image.new("RGB", (120, 80)).save(image)
+    predictions = Predictions(
+        uris=[str(image)],
+        image_sizes=[(120, 80)],
+        labels=["cat", "dog"],
+        seen=np.array([True, False]),
+        scores=np.array([[0.2, 0.9]], dtype=np.float32),
+        top=np.array([[1, 0]]),
+        attention=np.array([[[0, 0, 0, 1], [1, 0, 0, 0]]], dtype=np.float32),
+        grid=(2, 2),
+        crop_fraction=0.875,
+    )
+    storage = Storage(StorageConfig(root=str(tmp_path)))
+    out = tmp_path / "out"
+    write_predictions(predictions, storage, str(out), attention_maps=True)
+    folder = out / "attention" / "0000-black"
+    cells = {"dog": (slice(40, 75), slice(60, 95)), "cat": (slice(5, 40), slice(25, 60))}
+    for name, cell in (("01-dog.png", cells["dog"]), ("02-cat.png", cells["cat"])):
+        overlay = Image.open(folder / name)
+        assert overlay.format == "PNG" and overlay.size == (120, 80)
+        heat = recovered_heat(overlay)
+        inside = np.zeros(heat.shape, dtype=bool)
+        inside[cell] = True
+        assert heat.max() > 0.98
+        assert (heat > 0.9).any() and not (heat[~inside] > 0.9).any(), name
+        crop = np.zeros(heat.shape, dtype=bool)
+        crop[5:75, 25:95] = True
+        assert heat[~crop].max() < 0.02, f"{name}: heat outside the region the backbone saw"
+    assert Image.open(folder / "grid.png").format == "PNG"
 
 
 def test_print_predictions_shows_top_labels_and_skips(workspace, storage) -> None:
