@@ -69,11 +69,17 @@ def read_class_descriptions(storage: Storage, url: str) -> pd.Series:
     """Class id -> display name, checked for duplicates and empty names."""
     text = read_text(storage, url, what="class descriptions")
     try:
-        frame = pd.read_csv(
-            io.StringIO(text), header=None, names=["mid", "name"], dtype=str, keep_default_na=False
-        )
+        frame = pd.read_csv(io.StringIO(text), header=None, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        frame = pd.DataFrame(columns=["mid", "name"])
     except (ValueError, pd.errors.ParserError) as error:
         raise DatasetError(f"class descriptions {url} are malformed: {error}") from error
+    if frame.shape[1] != 2:
+        # With fixed names pandas would silently turn a third column into the index.
+        raise DatasetError(
+            f"class descriptions {url}: rows have {frame.shape[1]} fields, expected 2 (/m/id,Name)"
+        )
+    frame.columns = ["mid", "name"]
     frame = frame[frame["mid"].str.strip() != "LabelName"]
     frame = frame.assign(mid=frame["mid"].str.strip(), name=frame["name"].str.strip())
     if frame.empty or (frame["name"] == "").any() or (frame["mid"] == "").any():

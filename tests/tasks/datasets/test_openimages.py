@@ -141,3 +141,24 @@ def test_image_in_two_splits_and_trainable_unseen_overlap(tmp_path: Path, storag
     (root / "unseen.txt").write_text("/m/42\n")
     with pytest.raises(DatasetError, match=r"unseen classes .* not in the class descriptions"):
         prepare_openimages(config_for(root), storage)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("/m/01,Ankle boot,extra\n/m/02,Human face,extra\n", "rows have 3 fields, expected 2"),
+        ("/m/01\n/m/02\n", "rows have 1 fields, expected 2"),
+        ("/m/01,Ankle boot\n/m/02,Human face,extra\n", "malformed.*Expected 2 fields"),
+        ("/m/01,Ankle boot\n/m/01,Boot\n", r"duplicate class ids \['/m/01'\]"),
+        ("/m/01,\n", "expected non-empty '/m/id,Name' rows"),
+        ("", "expected non-empty '/m/id,Name' rows"),
+    ],
+)
+def test_malformed_class_descriptions_are_named(
+    tmp_path: Path, storage: Storage, text: str, match: str
+) -> None:
+    root = write_openimages(tmp_path / "oi")
+    (root / "class-descriptions.csv").write_text(text)
+    with pytest.raises(DatasetError, match=rf"class descriptions .*{match}"):
+        prepare_openimages(config_for(root), storage)
+    assert not storage.exists(storage.url("datasets", "oi-mini", "dataset.json"))
