@@ -76,6 +76,24 @@ def diversity(logits: torch.Tensor) -> torch.Tensor:
     return cosine.masked_fill(eye, 0.0)
 
 
+LOSS_INPUTS = ("scores", "logits", "module_scores", "mean_scores")
+"""The fields of :class:`LesaOutput` the loss reads."""
+
+
+def check_finite_output(output: LesaOutput) -> None:
+    """Refuse NaN or inf in what the loss reads: they would turn every term into NaN silently.
+
+    One reduction over all fields, so the check costs a single device sync per step.
+    """
+    finite = torch.stack([torch.isfinite(getattr(output, name)).all() for name in LOSS_INPUTS])
+    if not bool(finite.all()):
+        bad = [name for name, ok in zip(LOSS_INPUTS, finite.tolist(), strict=True) if not ok]
+        raise ValueError(
+            f"the model output's {', '.join(bad)} contain NaN or inf "
+            "(diverged training or non-finite weights)"
+        )
+
+
 def lesa_loss(output: LesaOutput, labels: torch.Tensor, cfg: LossConfig | None = None) -> LossTerms:
     """Eq. 12 for one batch: ``rank + div_w * div + rel_w * rel + dist_w * dist``.
 
@@ -93,6 +111,7 @@ def lesa_loss(output: LesaOutput, labels: torch.Tensor, cfg: LossConfig | None =
             f"labels have shape {tuple(labels.shape)}, the scores {tuple(scores.shape)}"
         )
     check_label_values(labels)
+    check_finite_output(output)
     labels = labels.to(scores.device)
     positive = (labels == 1).to(scores.dtype)
     sign = labels.to(scores.dtype)

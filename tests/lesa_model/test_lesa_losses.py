@@ -8,9 +8,9 @@ import pytest
 import torch
 from loop_losses import loop_terms
 
-from lesa_model.config import LossConfig
+from lesa_model.config import LossConfig, ModelConfig
 from lesa_model.losses import lesa_loss
-from lesa_model.model import LesaOutput
+from lesa_model.model import LESA, LesaOutput
 
 B, M, R, C = 4, 3, 5, 9
 
@@ -103,3 +103,25 @@ def test_bad_labels_are_rejected() -> None:
         lesa_loss(output, torch.full((B, C), 2, dtype=torch.int8))
     with pytest.raises(ValueError, match="integer"):
         lesa_loss(output, torch.zeros(B, C))
+
+
+@pytest.mark.parametrize("field", ["scores", "logits", "module_scores", "mean_scores"])
+def test_non_finite_output_is_named(field: str) -> None:
+    output = _output(0)
+    broken = getattr(output, field).detach().clone()
+    broken.view(-1)[3] = float("nan") if field != "logits" else float("inf")
+    with pytest.raises(ValueError, match=f"output's {field} contain NaN or inf"):
+        lesa_loss(LesaOutput(**{**output.__dict__, field: broken}), _labels(0))
+
+
+@pytest.mark.parametrize("normalisation", ["paper", "release"])
+def test_single_module_has_no_diversity_and_finite_gradients(normalisation: str) -> None:
+    """Mean pooling (M = 1) has no module pairs: div is 0, and no 0/0 leaks into the gradient."""
+    torch.manual_seed(0)
+    model = LESA(6, 4, ModelConfig(pooling="mean"))
+    output = model(torch.randn(B, R, 6), torch.randn(C, 4))
+    terms = lesa_loss(output, _labels(0), LossConfig(normalisation=normalisation))
+    assert float(terms.div) == 0.0
+    terms.total.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
