@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lesa_model.data import BatchSource, batch_count
 from lesa_model.model import LESA
+from lesa_model.validation import as_float_features
 
 
 def _model_device(model: LESA) -> torch.device:
@@ -56,7 +57,7 @@ def score_with_labels(
                 disable=None if progress else True,
             )
             for features, batch_labels in bar:
-                features = torch.as_tensor(features, device=device).float()
+                features = as_float_features(features, device)
                 batch_scores = model(features, vectors).scores.float().cpu().numpy()
                 batch_labels = np.asarray(torch.as_tensor(batch_labels).cpu(), dtype=np.int8)
                 if scores is None or labels is None:
@@ -92,9 +93,11 @@ def top_k(scores: np.ndarray, label_names: Sequence[str], k: int) -> list[list[t
         raise ValueError(f"scores must be (N, C), got shape {scores.shape}")
     if len(label_names) != scores.shape[1]:
         raise ValueError(f"{len(label_names)} label names for {scores.shape[1]} score columns")
-    if not 1 <= k <= scores.shape[1]:
+    is_integer = isinstance(k, int | np.integer) and not isinstance(k, bool)
+    if not is_integer or not 1 <= k <= scores.shape[1]:
         raise ValueError(
-            f"k must be between 1 and the number of labels ({scores.shape[1]}), got {k}"
+            f"k must be an integer between 1 and the number of labels ({scores.shape[1]}), "
+            f"got {k!r}"
         )
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
@@ -118,7 +121,7 @@ def attention_for(
     ``weights`` (B, C, R) float32 (each row sums to 1): the map to draw for label c.
     """
     device = _model_device(model)
-    features = torch.as_tensor(features, device=device)
+    features = as_float_features(features, device)
     if features.ndim == 2:
         features = features.unsqueeze(0)
     vectors = _as_label_vectors(label_vectors, device)
@@ -126,7 +129,7 @@ def attention_for(
     model.eval()
     try:
         with torch.inference_mode():
-            output = model(features.float(), vectors)
+            output = model(features, vectors)
     finally:
         model.train(was_training)
     rows = torch.arange(output.attention.shape[0], device=device)[:, None]

@@ -28,7 +28,7 @@ from lesa_model.inference import score_with_labels
 from lesa_model.losses import LossTerms, lesa_loss
 from lesa_model.metrics import average_precision, precision_recall_f1_at_k
 from lesa_model.model import LESA, LesaOutput
-from lesa_model.validation import check_label_vectors
+from lesa_model.validation import as_float_features, check_label_vectors
 
 STEP_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
 LOSS_KEYS = tuple(field.name for field in fields(LossTerms))
@@ -233,7 +233,7 @@ class Trainer:
 
     def train_step(self, features: Any, labels: Any) -> LossTerms:
         """One optimiser step on one batch; returns the (detached) loss terms."""
-        features = torch.as_tensor(features, device=self.device).float()
+        features = as_float_features(features, self.device)
         labels = torch.as_tensor(labels, device=self.device)
         if labels.ndim != 2 or labels.shape[1] != self.label_vectors.shape[0]:
             raise ValueError(

@@ -59,3 +59,15 @@ def check_label_values(labels: torch.Tensor | np.ndarray, name: str = "labels") 
     bad = (labels > 1) | (labels < -1)
     if bool(bad.any()):
         raise ValueError(f"{name} must only contain 1, -1 or 0")
+
+
+def as_float_features(features: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Region features as float32 on ``device``, refusing non-float input instead of casting it.
+
+    Stored features are float16 or float32 and the model runs in float32, so floats are widened;
+    an integer or boolean array here is the wrong array (pixels, labels), which a cast would hide.
+    """
+    tensor = torch.as_tensor(features, device=device)
+    if not tensor.is_floating_point():
+        raise ValueError(f"features must be floating point, got dtype {tensor.dtype}")
+    return tensor.float()

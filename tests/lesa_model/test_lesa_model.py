@@ -93,7 +93,7 @@ def test_bad_input_is_named(inputs) -> None:
         model(features[0], vectors)
     with pytest.raises(ValueError, match="floating-point"):
         model(features.long(), vectors)
-    with pytest.raises(ValueError, match="features have dtype torch.float64"):
+    with pytest.raises(ValueError, match=r"features have dtype torch\.float64"):
         model(features.double(), vectors)
     infinite = features.clone()
     infinite[1, 2, 3] = float("inf")

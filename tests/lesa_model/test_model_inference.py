@@ -41,6 +41,8 @@ def test_top_k_matches_a_full_sort() -> None:
         assert tags == [(names[i], float(row[i])) for i in order]
     with pytest.raises(ValueError, match="between 1 and the number of labels"):
         top_k(scores, names, 7)
+    with pytest.raises(ValueError, match="integer between 1"):
+        top_k(scores, names, 2.0)
     with pytest.raises(ValueError, match="label names"):
         top_k(scores, names[:-1], 2)
     scores[0, 0] = np.inf
@@ -62,3 +64,19 @@ def test_attention_for_picks_the_selected_modules_map(setup) -> None:
     one_selected, one_weights = attention_for(model, source.features[0], vectors)
     np.testing.assert_array_equal(one_selected, selected[:1])
     np.testing.assert_allclose(one_weights, weights[:1], rtol=1e-6)
+
+
+def test_integer_features_are_refused_not_cast(setup) -> None:
+    model, _, vectors = setup
+    pixels = np.zeros((2, 5, 6), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"floating point, got dtype torch\.uint8"):
+        attention_for(model, pixels, vectors)
+
+    class IntegerSource:
+        num_images = 2
+
+        def batches(self, batch_size, *, shuffle, seed=0, epoch=0):
+            yield pixels, np.zeros((2, 2), dtype=np.int8)
+
+    with pytest.raises(ValueError, match="features must be floating point"):
+        score(model, IntegerSource(), vectors)

@@ -14,7 +14,7 @@ from lesa_model.data import TensorBatchSource
 from lesa_model.inference import score
 from lesa_model.metrics import average_precision
 from lesa_model.model import LESA
-from lesa_model.trainer import Trainer
+from lesa_model.trainer import Trainer, resolve_device
 
 N, R, D, C, d = 32, 9, 16, 8, 8
 
@@ -143,3 +143,24 @@ def test_bad_setup_is_named(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="match the label vectors"):
         trainer.fit(source)
+    trainer = Trainer(_model(), vectors, TrainerConfig(eval_k=2), checkpoint_dir=tmp_path)
+    features = source.features[:4].numpy()
+    with pytest.raises(ValueError, match="features must be floating point"):
+        trainer.train_step(features.astype(np.int32), source.labels[:4])
+
+
+def test_epochs_set_the_number_of_steps(tmp_path: Path) -> None:
+    source, vectors = _problem()  # 32 images in batches of 12: 3 batches per epoch
+    cfg = TrainerConfig(steps=1000, epochs=2, batch_size=12, eval_k=2, log_every=1)
+    result = Trainer(_model(), vectors, cfg, checkpoint_dir=tmp_path).fit(source)
+    assert result.final_step == 6
+    assert [record["step"] for record in result.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
