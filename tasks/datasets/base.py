@@ -124,8 +124,14 @@ def load_prepared(
     marker_url = dataset_url(storage, name, MARKER_FILE)
     if not storage.exists(marker_url):
         return None
-    marker = storage.read_json(marker_url)
-    if marker.get("config_sha256") != config_fingerprint(config, inputs):
+    try:
+        marker = storage.read_json(marker_url)
+    except ValueError as error:
+        logger.warning("dataset %s: %s is unreadable (%s); rebuilding", name, MARKER_FILE, error)
+        return None
+    if not isinstance(marker, dict) or marker.get("config_sha256") != config_fingerprint(
+        config, inputs
+    ):
         logger.info(
             "dataset %s: config or input files changed since the last run; rebuilding", name
         )

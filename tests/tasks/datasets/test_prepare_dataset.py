@@ -97,3 +97,20 @@ def test_dispatch_writes_then_skips(tmp_path: Path, storage: Storage) -> None:
 def test_unknown_source_object_is_refused(storage: Storage) -> None:
     with pytest.raises(ValueError, match="unknown dataset source 'coco'"):
         prepare_dataset(type("Fake", (), {"source": "coco"})(), storage)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("marker", [b"{not json", b"[1, 2]"])
+def test_unreadable_marker_rebuilds(tmp_path: Path, storage: Storage, marker: bytes) -> None:
+    (tmp_path / "labels.csv").write_text("uri,split,positives\na.jpg,train,cat\n")
+    (tmp_path / "vocab.csv").write_text("label,seen\ncat,true\n")
+    config = TableConfig(
+        name="t", labels=str(tmp_path / "labels.csv"), vocabulary=str(tmp_path / "vocab.csv")
+    )
+    artifacts = prepare_dataset(config, storage)
+    marker_url = storage.url("datasets/t/dataset.json")
+    written = storage.read_json(marker_url)
+    storage.write_bytes(marker_url, marker)
+    inputs = input_checksums(storage, {"labels": config.labels, "vocabulary": config.vocabulary})
+    assert load_prepared(storage, "t", config, inputs) is None
+    assert prepare_dataset(config, storage) == artifacts
+    assert storage.read_json(marker_url) == written
