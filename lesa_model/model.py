@@ -42,7 +42,8 @@ class FeatureAdapter(nn.Module):
     """The release's learned 2x2 convolution + batch norm over the region grid.
 
     TensorFlow's "same" padding for an even kernel pads one row/column after the data only, which
-    ``ZeroPad2d((0, 1, 0, 1))`` reproduces exactly (PyTorch's ``padding="same"`` would copy).
+    ``ZeroPad2d((0, 1, 0, 1))`` reproduces exactly. PyTorch's ``padding="same"`` pads the same way
+    but warns on every call that it makes a padded copy for even kernels; explicit padding does not.
     """
 
     def __init__(self, dim: int, grid: tuple[int, int]) -> None:

@@ -63,6 +63,40 @@ def test_paper_model_equals_module_by_module_loop(inputs) -> None:
             torch.testing.assert_close(out.mean_scores[i, c], mean)
 
 
+def test_shared_first_layer_equals_the_release_formula(inputs) -> None:
+    """Release: e = tanh(F W1 + b1) w2 + b2, one W1 for all modules, one column of w2 each."""
+    features, vectors = inputs
+    cfg = ModelConfig(num_modules=3, first_layer="shared", hidden_dim=5)
+    model = LESA(D, d, cfg).requires_grad_(False)
+    out = model(features, vectors)
+    first, second = model.first_layer, model.second_layer
+    for i in range(B):
+        hidden = torch.tanh(features[i] @ first.weight.T + first.bias)
+        for m in range(3):
+            expected = hidden @ second.weight[m] + second.bias[m]
+            torch.testing.assert_close(out.logits[i, m], expected)
+
+
+def test_feature_adapter_pads_after_the_data_like_tensorflow_same() -> None:
+    """Output cell (y, x) convolves input cells (y..y+1, x..x+1); beyond the grid counts as 0."""
+    torch.manual_seed(0)
+    h, w, dim = 2, 3, 4
+    model = LESA(dim, d, ModelConfig(num_modules=2, feature_adapter=True), grid=(h, w)).eval()
+    features = torch.randn(1, h * w, dim)
+    adapted = model.region_features(features).detach()
+    conv, norm = model.adapter.conv, model.adapter.norm
+    grid = torch.zeros(h + 1, w + 1, dim)
+    grid[:h, :w] = features[0].view(h, w, dim)
+    for y in range(h):
+        for x in range(w):
+            value = conv.bias.detach().clone()
+            for i in range(2):
+                for j in range(2):
+                    value += conv.weight[:, :, i, j].detach() @ grid[y + i, x + j]
+            value = value / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+            torch.testing.assert_close(adapted[0, y * w + x], value.detach())
+
+
 def test_mean_pooling_is_the_region_average(inputs) -> None:
     features, vectors = inputs
     model = LESA(D, d, ModelConfig(pooling="mean"))
