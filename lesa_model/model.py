@@ -43,7 +43,7 @@ class FeatureAdapter(nn.Module):
 
     TensorFlow's "same" padding for an even kernel pads one row/column after the data only, which
     ``ZeroPad2d((0, 1, 0, 1))`` reproduces exactly. PyTorch's ``padding="same"`` pads the same way
-    but warns on every call that it makes a padded copy for even kernels; explicit padding does not.
+    but emits a UserWarning about the padded copy it makes for even kernels.
     """
 
     def __init__(self, dim: int, grid: tuple[int, int]) -> None:
