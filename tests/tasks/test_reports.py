@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgba
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
@@ -15,8 +16,10 @@ from tasks.reports import (
     LABELS_PLOT_FILE,
     METRICS_FILE,
     REPORT_FILE,
+    SPLIT_COLOURS,
     TOPK_PLOT_FILE,
     ReportError,
+    best_worst_figure,
     label_ap_table,
     report_markdown,
     topk_curve,
@@ -129,6 +132,32 @@ def test_write_report_writes_files_with_the_numbers(tmp_path) -> None:
     for name in (LABELS_PLOT_FILE, TOPK_PLOT_FILE):
         png = Image.open(io.BytesIO(storage.read_bytes(artifacts.plot_urls[name])))
         assert png.format == "PNG" and png.size[0] > 100
+
+
+def test_bar_chart_shows_the_ten_best_and_ten_worst_labels_by_split() -> None:
+    rng = np.random.default_rng(4)
+    label_ap = pd.DataFrame(
+        {
+            "label": [f"l{i:02d}" for i in range(30)],
+            "split": ["unseen" if i % 3 == 0 else "seen" for i in range(30)],
+            "ap": rng.permutation(np.linspace(0.01, 0.9, 30)),
+            "positives": 5,
+        }
+    )
+    axis = best_worst_figure(label_ap).axes[0]
+    top_down = sorted(
+        zip(axis.get_yticks(), axis.get_yticklabels(), strict=True), key=lambda tick: -tick[0]
+    )
+    shown = [label.get_text() for _, label in top_down]
+    ranked = label_ap.sort_values("ap", ascending=False)["label"].tolist()
+    assert shown == ranked[:10] + ranked[-10:]
+    by_label = label_ap.set_index("label")
+    bars = {bar.get_y() + bar.get_height() / 2: bar for bar in axis.patches}
+    for position, label in top_down:
+        bar = bars[position]
+        assert bar.get_width() == pytest.approx(100 * by_label.loc[label.get_text(), "ap"])
+        colour = SPLIT_COLOURS[by_label.loc[label.get_text(), "split"]]
+        assert bar.get_facecolor() == pytest.approx(to_rgba(colour))
 
 
 def test_report_markdown_for_artifact_has_no_image_links() -> None:
