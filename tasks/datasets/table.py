@@ -107,11 +107,14 @@ def _parse_flags(series: pd.Series, column: str, url: str) -> pd.Series:
 
 
 def parse_vocabulary(frame: pd.DataFrame, url: str) -> pd.DataFrame:
-    """User vocabulary -> Vocabulary table (tokens default to the label's words)."""
+    """User vocabulary -> Vocabulary table.
+
+    Empty or null ``tokens`` (a blank CSV cell, a parquet null) default to the label's words.
+    """
     _require_columns(frame, {"label", "seen"}, url, "vocabulary")
     labels = frame["label"].astype(str).str.strip()
     tokens = (
-        frame["tokens"].astype(str).str.strip()
+        frame["tokens"].fillna("").astype(str).str.strip()
         if "tokens" in frame.columns
         else pd.Series("", index=frame.index)
     )

@@ -78,9 +78,9 @@ def test_parquet_with_list_columns_matches_csv(tmp_path: Path, storage: Storage)
         }
     )
     frame.to_parquet(tmp_path / "labels.parquet")
-    pd.DataFrame({"label": LABELS, "seen": [True, True, False, False]}).to_parquet(
-        tmp_path / "vocab.parquet"
-    )
+    pd.DataFrame(
+        {"label": LABELS, "seen": [True, True, False, False], "tokens": [None, "couch", None, ""]}
+    ).to_parquet(tmp_path / "vocab.parquet")
     config = TableConfig(
         labels=str(tmp_path / "labels.parquet"),
         vocabulary=str(tmp_path / "vocab.parquet"),
@@ -91,6 +91,8 @@ def test_parquet_with_list_columns_matches_csv(tmp_path: Path, storage: Storage)
     assert labels["image_id"].tolist() == ["one", "two", "three"]
     np.testing.assert_array_equal(schemas.label_matrix(labels, LABELS), EXPECTED)
     assert artifacts.images_prefix == "s3://bucket/images"
+    vocabulary = storage.read_parquet(artifacts.vocabulary_url)
+    assert vocabulary["tokens"].tolist() == ["cat", "couch", "hot dog", "zebra"]
 
 
 def test_complete_defaults_from_config(tmp_path: Path, storage: Storage) -> None:
@@ -130,6 +132,29 @@ def test_bad_input_is_named(
     with pytest.raises(error, match=match):
         prepare_table(_write(tmp_path, labels, vocabulary), storage)
     assert not storage.exists(storage.url("datasets", "mine", "labels.parquet"))
+
+
+@pytest.mark.parametrize(
+    "bad_labels",
+    [
+        LABELS_CSV + "a/4.jpg,train,unicorn,,true\n",
+        LABELS_CSV + "a/4.jpg,holdout,cat,,true\n",
+        LABELS_CSV + "a/1.png,train,cat,,true\n",
+    ],
+    ids=["unknown-label", "unknown-split", "duplicate-id"],
+)
+def test_bad_rewrite_keeps_the_previous_dataset(
+    tmp_path: Path, storage: Storage, bad_labels: str
+) -> None:
+    config = _write(tmp_path)
+    artifacts = prepare_table(config, storage)
+    outputs = [artifacts.label_table_url, artifacts.vocabulary_url]
+    outputs.append(storage.url("datasets", "mine", "dataset.json"))
+    before = [storage.read_bytes(url) for url in outputs]
+    (tmp_path / "labels.csv").write_text(bad_labels)
+    with pytest.raises(ValueError, match=r"label in vocabulary|'split'|duplicate image ids"):
+        prepare_table(config, storage)
+    assert [storage.read_bytes(url) for url in outputs] == before
 
 
 def test_missing_and_unreadable_files(tmp_path: Path, storage: Storage) -> None:
