@@ -137,6 +137,19 @@ def resize_side(image_size: int) -> int:
     return round(image_size * RESIZE_RATIO)
 
 
+def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """(width, height) of a ``width`` x ``height`` image after the short-side resize, by
+    torchvision's rule (long side ``int(side * long / short)``), before the centre crop.
+
+    An image of extreme aspect ratio is tiny to decode but huge once resized (a 4x8000 PNG of 288
+    bytes becomes 256x512000 pixels), so callers check this before running the transform.
+    """
+    side = resize_side(image_size)
+    short, long = sorted((width, height))
+    scaled = int(side * long / short)
+    return (side, scaled) if width <= height else (scaled, side)
+
+
 def build_transform(
     name: str, preprocessing: str | None, image_size: int
 ) -> Callable[[Image.Image], torch.Tensor]:

