@@ -277,13 +277,20 @@ def _result(
     url: str | None,
     cached: bool,
 ) -> EmbeddingResult:
-    """Apply the OOV policy to embedded labels and package the result."""
+    """Log the coverage, apply the OOV policy to embedded labels and package the result."""
     embedded = set(embeddings["label"])
     oov = pd.DataFrame(
         [(lab, tok) for lab, tok in zip(labels, tokens, strict=True) if lab not in embedded],
         columns=["label", "tokens"],
     )
     coverage = 1.0 - len(oov) / len(labels) if len(labels) else 1.0
+    logger.info(
+        "%d of %d labels embedded with %r (coverage %.1f%%)",
+        len(labels) - len(oov),
+        len(labels),
+        config.source,
+        100 * coverage,
+    )
     if len(oov):
         shown = oov["label"].head(_SHOWN).tolist()
         message = (

