@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback, TqdmCallback
 from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import SecretStr
+from pydantic import ConfigDict, SecretStr
 
 from lesa_model.config import StrictModel
 
@@ -46,7 +46,11 @@ class StorageConfig(StrictModel):
     ``key``/``secret``/``region``/``endpoint_url`` fall back to the standard AWS environment
     variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` or
     ``AWS_REGION``, ``AWS_ENDPOINT_URL``) so secrets need not be written into run configs.
+    Validation errors name the key but never echo its value, so a misspelt ``secret`` is not
+    printed.
     """
+
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     root: str = ".lesa-data"
     endpoint_url: str | None = None

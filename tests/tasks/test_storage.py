@@ -10,6 +10,7 @@ from pathlib import Path
 import fsspec
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from tasks.storage import Storage, StorageConfig, StorageError
 
@@ -205,6 +206,19 @@ def test_credentials_never_shown(tmp_path: Path) -> None:
 def test_unknown_config_key_is_rejected() -> None:
     with pytest.raises(ValueError, match="bucket"):
         StorageConfig(root="x", bucket="y")  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"secret_access_key": SECRET}, {"secret": 12345678}, {"key": ["AKIA", SECRET]}],
+    ids=["misspelt-key", "wrong-type", "list"],
+)
+def test_config_errors_name_the_key_but_never_echo_the_value(fields: dict[str, object]) -> None:
+    with pytest.raises(ValidationError) as caught:
+        StorageConfig(root="s3://bucket", **fields)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert next(iter(fields)) in message
+    assert SECRET not in message and "12345678" not in message
 
 
 @pytest.mark.slow
