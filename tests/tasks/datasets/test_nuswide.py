@@ -199,20 +199,25 @@ def test_metadata_parses_to_expected_table(
 def test_prepare_writes_tables_and_is_idempotent(tmp_path: Path, storage: Storage) -> None:
     root = write_nuswide(tmp_path / "nus")
     images = tmp_path / "flickr"
-    for path, *_ in IMAGES[:-1]:
+    sizes = {"beach\\0002_12.jpg": None, "dog\\0005_15.jpg": 0, "none\\0007_17.jpg": 4000}
+    for path, *_ in IMAGES:
         target = images / path.replace("\\", "/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(b"\xff" * 5000)
-    (images / "none").mkdir()
-    (images / "none/0007_17.jpg").write_bytes(b"\xff" * 4000)
+        size = sizes.get(path, 5000)
+        if size is not None:
+            target.write_bytes(b"\xff" * size)
     config = NusWideConfig(metadata=str(root), images=str(images), num_val=1, name="nus-mini")
 
     artifacts = prepare_nuswide(config, storage)
     labels = storage.read_parquet(artifacts.label_table_url)
     rejects = storage.read_parquet(artifacts.rejects_url)
-    assert rejects[["image_id", "reason"]].values.tolist() == [["none/0007_17", "too-small-file"]]
-    assert "none/0007_17" not in set(labels["image_id"])
-    assert len(labels) == len(IMAGES) - 1
+    assert sorted(rejects[["image_id", "reason"]].values.tolist()) == [
+        ["beach/0002_12", "missing"],
+        ["dog/0005_15", "too-small-file"],
+        ["none/0007_17", "too-small-file"],
+    ]
+    assert not set(rejects["image_id"]) & set(labels["image_id"])
+    assert len(labels) == len(IMAGES) - 3
     assert artifacts.images_prefix == str(images)
 
     marker = artifacts.label_table_url.replace("labels.parquet", "dataset.json")
