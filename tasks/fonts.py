@@ -112,6 +112,9 @@ def download_font(
         except requests.RequestException as error:
             tmp_path.unlink(missing_ok=True)
             raise FontNotFoundError(f"downloading {url} was interrupted: {error}") from error
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
     actual = digest.hexdigest()
     if actual != sha256:
         tmp_path.unlink(missing_ok=True)

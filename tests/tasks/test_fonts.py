@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -81,6 +83,30 @@ def test_download_verifies_checksum(http_root: tuple[str, Path], tmp_path: Path)
         fonts.download_font(other, url=f"{base}/font.ttf", sha256="0" * 64)
     assert not other.exists()
     assert list(other.parent.iterdir()) == []  # the temporary file is gone too
+
+
+def test_a_failed_write_leaves_no_temporary_file(
+    http_root: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, root = http_root
+    (root / "font.ttf").write_bytes(b"font bytes" * 1000)
+    target = tmp_path / "cache" / "font.ttf"
+
+    real_temporary_file = tempfile.NamedTemporaryFile
+
+    def on_a_full_disk(*args: Any, **kwargs: Any) -> Any:
+        handle = real_temporary_file(*args, **kwargs)
+
+        def write(data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        handle.write = write
+        return handle
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", on_a_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        fonts.download_font(target, url=f"{base}/font.ttf", sha256="0" * 64)
+    assert list(target.parent.iterdir()) == []
 
 
 def test_download_failure_says_what_to_install(http_root: tuple[str, Path], tmp_path: Path) -> None:
