@@ -2,8 +2,10 @@
 
 The shard format (docs/ARCHITECTURE.md, "HDF5 shard format") is defined here, next to the code
 that depends on it most; :mod:`tasks.features` writes it. The manifest is the only way in: a
-shard the manifest does not list does not exist, and a listed shard that is missing or does not
-match its manifest row is an error, never silently skipped.
+shard the manifest does not list does not exist, and a listed shard that is missing or whose
+size, shape, dtype or id count differs from its manifest row is an error, never silently skipped.
+(The sha256 is checked by extraction's rerun, not on every read: hashing a full feature set
+would cost minutes each time training opens it.)
 
 Memory stays bounded: :class:`FeatureStore` reads only the rows asked for, and
 :class:`FeatureBatches` holds at most ``buffer_shards`` shards' worth of selected rows while it

@@ -104,7 +104,8 @@ class DaskConfig(StrictModel):
 
 class FeaturesConfig(StrictModel):
     """How features are computed and stored. Everything that changes the numbers is hashed into
-    the feature key; ``shard_size``, ``batch_size``, ``device`` and ``dask`` only change speed."""
+    the feature key; ``shard_size``, ``batch_size``, ``torch_threads`` and ``dask`` only change
+    speed, and ``device`` only the last bits (CUDA runs the backbone in half precision)."""
 
     backbone: BackboneName = "efficientnet-lite0"
     weights: str = backbones.PRETRAINED
