@@ -81,6 +81,7 @@ def build_deployments(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: validate the config first, then serve the deployments until stopped."""
     parser = argparse.ArgumentParser(
         prog="python -m flows.deployments",
         description=(

@@ -98,6 +98,7 @@ def evaluate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: validate the config first, evaluate, print the metrics table."""
     parser = argparse.ArgumentParser(
         prog="python -m flows.evaluate",
         description=(

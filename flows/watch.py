@@ -52,6 +52,7 @@ def watch_labels(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: validate the config first, then poll once or every ``--every`` seconds."""
     parser = argparse.ArgumentParser(
         prog="python -m flows.watch",
         description=(
