@@ -32,7 +32,7 @@ from _flops import measure_matmul_gflops, measure_onednn_gemm_gflops
 from PIL import Image
 
 from tasks.backbones import load_backbone
-from tasks.features import FeaturesConfig, extract_shard, plan_shards
+from tasks.features import FeaturesConfig, extract_shard, plan_shards, usable_cores
 from tasks.storage import Storage, StorageConfig
 
 PHOTO_SIZE = (500, 375)
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="timed images per backbone")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads"
+        "--threads", type=int, default=usable_cores(), help="torch threads"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

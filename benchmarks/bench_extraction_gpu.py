@@ -17,7 +17,6 @@ Usage (exits with status 2 and a message when there is no CUDA device)::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import torch
 from bench_extraction import conv_gflop_per_image, write_photos
 
 from tasks.backbones import load_backbone
-from tasks.features import FeaturesConfig, extract_shard, plan_shards
+from tasks.features import FeaturesConfig, extract_shard, plan_shards, usable_cores
 from tasks.storage import Storage, StorageConfig
 
 
@@ -99,7 +98,7 @@ def main() -> None:
         warm = plan_shards(
             table.iloc[: config.batch_size], storage.url("images"), 10**9, storage.url("warm")
         )[0]
-        threads = len(os.sched_getaffinity(0))
+        threads = usable_cores()
         extract_shard(warm, config, storage, torch_threads=threads)
         start = time.perf_counter()
         extract_shard(plan, config, storage, torch_threads=threads)

@@ -505,10 +505,18 @@ def dask_client(config: DaskConfig) -> Iterator[Client]:
         yield client
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity where the OS has one (Linux, so a
+    container's CPU set counts), else every core (macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _threads_by_host(client: Client) -> dict[str, int]:
     """Torch threads per task on each host, so tasks together use the host's cores once."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    cores = client.run(lambda: len(os.sched_getaffinity(0)))
+    cores = client.run(usable_cores)
     task_slots: dict[str, int] = {}
     host_cores: dict[str, int] = {}
     for address, info in workers.items():

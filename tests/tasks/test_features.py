@@ -45,6 +45,7 @@ from tasks.features import (
     feature_key,
     plan_shards,
     region_features,
+    usable_cores,
 )
 from tasks.images import decode_image
 from tasks.storage import Storage, StorageConfig
@@ -603,3 +604,13 @@ def test_torch_threads_share_the_host_cores_between_worker_threads(cluster: Clus
     with Client(cluster.address) as client:
         threads = _threads_by_host(client)
     assert threads == {"127.0.0.1": max(1, len(os.sched_getaffinity(0)) // 2)}
+
+
+def test_usable_cores_follow_the_affinity_and_fall_back_to_the_core_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert usable_cores() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert usable_cores() == 6
