@@ -171,7 +171,9 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, data, str(source))) from exc
+        # Not chained: pydantic's error repeats every input value, and a misspelt key may hold
+        # a secret; the message names each key and rule, which is all the user needs.
+        raise ConfigError(_format_errors(exc, data, str(source))) from None
 
 
 def input_files(config: PipelineConfig) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import boto3
@@ -102,6 +103,16 @@ def test_every_problem_is_listed_at_once(tmp_path: Path, tiny_data: dict) -> Non
         load_config(write_config(tmp_path, data))
     assert "train.lr:" in str(error.value)
     assert "model.num_modules:" in str(error.value)
+
+
+def test_config_errors_never_carry_a_secret_value() -> None:
+    secret = "wJalrXUtnFEMI-not-a-real-key"
+    overrides = {"storage.secret_key": secret, "storage.secret": 12345}
+    with pytest.raises(ConfigError) as caught:
+        load_config(CONFIGS / "tiny.yaml", overrides)
+    assert "storage.secret_key" in str(caught.value)
+    chain = traceback.format_exception(caught.value)
+    assert not any(secret in line or "12345" in line for line in chain)
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
