@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from pydantic import ValidationError
 from rich.console import Console
 
-from flows.cli import add_config_arguments, overrides_from
+from flows.cli import add_config_arguments, overrides_from, prepare_process
 from tasks.config import ConfigError, load_config
 from tasks.prediction import (
     DEFAULT_BATCH_SIZE,
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "(repeatable)",
     )
     args = parser.parse_args(argv)
+    prepare_process()
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
     if args.batch_size < 1:

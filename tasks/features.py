@@ -271,7 +271,7 @@ def _device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def _check_resized(image: Image.Image, image_size: int) -> None:
+def check_resized(image: Image.Image, image_size: int) -> None:
     """Reject an image whose short-side resize would exceed the decoder's pixel limit: the
     decompression-bomb guard counts decoded pixels, but a sliver (say 2x60000) passes it and
     then resizes to gigabytes, which would kill the worker on every rerun."""
@@ -294,7 +294,7 @@ def _load_image(uri: str, storage: Storage, backbone: Backbone) -> torch.Tensor 
         return "unreadable", f"{type(error).__name__}: {error}"
     try:
         image = decode_image(data)
-        _check_resized(image, backbone.image_size)
+        check_resized(image, backbone.image_size)
         return backbone.transform(image)
     except ImageRejected as error:
         return error.reason, error.detail

@@ -37,7 +37,7 @@ from lesa_model.model import LESA
 from tasks import backbones
 from tasks.backbones import Backbone
 from tasks.embeddings import EmbeddingConfig, OOVError, embed_words
-from tasks.features import FeaturesConfig, feature_key, region_features
+from tasks.features import FeaturesConfig, check_resized, feature_key, region_features
 from tasks.images import ImageRejected, decode_image
 from tasks.storage import Storage
 
@@ -363,7 +363,9 @@ def predict_images(
     maps: list[np.ndarray] = []
     dropped: list[SkippedImage] = []
     progress = tqdm(total=len(uris), desc="tagging", unit="image")
-    for batch_uris, images, batch_skipped in _decoded_batches(uris, storage, batch_size):
+    for batch_uris, images, batch_skipped in _decoded_batches(
+        uris, storage, batch_size, backbone.image_size
+    ):
         dropped.extend(batch_skipped)
         progress.update(len(batch_uris) + len(batch_skipped))
         if not images:
@@ -502,15 +504,27 @@ def _read_image(uri: str, storage: Storage) -> Image.Image | SkippedImage:
         return SkippedImage(uri, error.reason, error.detail)
 
 
+def _preprocessable(uri: str, storage: Storage, image_size: int) -> Image.Image | SkippedImage:
+    """The decoded image, unless it is unreadable or would resize to too many pixels."""
+    image = _read_image(uri, storage)
+    if isinstance(image, SkippedImage):
+        return image
+    try:
+        check_resized(image, image_size)
+    except ImageRejected as error:
+        return SkippedImage(uri, error.reason, error.detail)
+    return image
+
+
 def _decoded_batches(
-    uris: Sequence[str], storage: Storage, batch_size: int
+    uris: Sequence[str], storage: Storage, batch_size: int, image_size: int
 ) -> Iterator[tuple[list[str], list[Image.Image], list[SkippedImage]]]:
     for start in range(0, len(uris), batch_size):
         kept: list[str] = []
         images: list[Image.Image] = []
         skipped: list[SkippedImage] = []
         for uri in uris[start : start + batch_size]:
-            result = _read_image(uri, storage)
+            result = _preprocessable(uri, storage, image_size)
             if isinstance(result, SkippedImage):
                 skipped.append(result)
             else:

@@ -162,6 +162,17 @@ def test_unreadable_images_are_skipped_with_a_reason(workspace, storage) -> None
     assert predictions.image_sizes[predictions.uris.index(uris[1])] == (50, 90)
 
 
+def test_a_sliver_that_would_resize_to_gigapixels_is_skipped(workspace, storage, tmp_path) -> None:
+    predictor = load_predictor(str(workspace["checkpoint"]), storage)
+    sliver = tmp_path / "sliver.png"
+    Image.new("RGB", (2, 60000), "white").save(sliver)
+    uris = [str(workspace["images"] / "a.png"), str(sliver)]
+    predictions = predict_images(predictor, uris, SEEN, storage, top_k=1)
+    assert predictions.uris == uris[:1]
+    assert [(item.uri, item.reason) for item in predictions.skipped] == [(str(sliver), "too-large")]
+    assert "resizes to" in predictions.skipped[0].detail
+
+
 def test_outputs_csv_json_and_attention_maps(workspace, storage, tmp_path) -> None:
     predictor = load_predictor(str(workspace["checkpoint"]), storage)
     uris = [str(workspace["images"] / "b.jpg"), str(workspace["images"] / "a.png")]
