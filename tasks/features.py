@@ -56,6 +56,7 @@ from tasks.feature_reader import (
     shard_name,
 )
 from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from tasks.progress import RunProgress
 from tasks.retries import retry_unless_bad_input
 from tasks.storage import Storage
 
@@ -658,7 +659,7 @@ def extract_features(
     if todo:
         _preflight(config, storage)
         log.info("extracting %d of %d shards into %s", len(todo), len(plans), out_prefix)
-        _run_shards(todo, config, storage, committer)
+        _run_shards(todo, len(plans), config, storage, committer)
     grid = config.grid
     return FeatureSet(
         manifest_url=manifest_url,
@@ -684,8 +685,14 @@ def _preflight(config: FeaturesConfig, storage: Storage) -> None:
 
 
 def _run_shards(
-    todo: list[ShardPlan], config: FeaturesConfig, storage: Storage, committer: _Committer
+    todo: list[ShardPlan],
+    total: int,
+    config: FeaturesConfig,
+    storage: Storage,
+    committer: _Committer,
 ) -> None:
+    """Run ``todo`` as Dask tasks, committing each finished shard at once; progress counts every
+    one of the feature set's ``total`` shards, those reused from earlier runs included."""
     failures: list[str] = []
     with dask_client(config.dask) as client:
         link = _dashboard_link(client, config.dask)
@@ -698,7 +705,10 @@ def _run_shards(
             ): plan
             for plan in todo
         }
-        progress = tqdm(total=len(futures), desc="feature shards", unit="shard")
+        finished = total - len(todo)
+        progress = tqdm(total=total, initial=finished, desc="feature shards", unit="shard")
+        on_run = RunProgress("feature shards")
+        on_run(finished, total)
         for future in as_completed(futures):
             plan = futures[future]
             try:
@@ -708,7 +718,9 @@ def _run_shards(
                     f"shard {plan.index} ({plan.shard_uri}): {type(error).__name__}: {error}"
                 )
                 log.error("shard %d failed: %s", plan.index, error)
+            finished += 1
             progress.update()
+            on_run(finished, total)
         progress.close()
     if failures:
         raise ExtractionError(

@@ -22,13 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
 
 import numpy as np
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
@@ -40,6 +38,7 @@ from tasks.datasets import DatasetArtifacts
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FEATURE_IDENTITY, FeatureSet, feature_key
+from tasks.progress import RunProgress
 from tasks.retries import retry_unless_bad_input
 from tasks.storage import Storage
 
@@ -517,17 +516,13 @@ class _ProgressArtifact:
     def __init__(self, total_steps: int, description: str) -> None:
         self.total = max(total_steps, 1)
         self.description = description
-        self.artifact_id: UUID | None = None
+        self.bar = RunProgress(description, log=False)
         self.logger = get_run_logger()
         self.logged: tuple[int, set[str]] = (-1, set())
 
     def __call__(self, record: dict[str, float]) -> None:
         step = int(record.get("step", 0))
-        done = min(100.0, 100.0 * step / self.total)
-        if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(done, description=self.description)
-        else:
-            update_progress_artifact(self.artifact_id, done)
+        self.bar(step, self.total)
         # The trainer merges validation scores into the step's loss record: log only what's new.
         seen = self.logged[1] if self.logged[0] == step else set()
         fresh = {key: value for key, value in record.items() if key not in seen | {"step"}}
