@@ -423,7 +423,11 @@ def train_model(
     base_record = {"training_key": key, "config": config.model_dump(mode="json"), **metadata}
     storage.write_json(record_url, {**base_record, "status": "running"})
 
-    model = LESA(features.dim, int(vectors.shape[1]), model_config, grid=features.grid)
+    with torch.random.fork_rng():
+        # The initial weights come from train.seed, not from whatever drew on the global RNG
+        # before this stage: the same config and data give the same model in any process.
+        torch.manual_seed(config.train.seed)
+        model = LESA(features.dim, int(vectors.shape[1]), model_config, grid=features.grid)
     trainer = Trainer(
         model,
         torch.from_numpy(vectors),

@@ -210,6 +210,17 @@ def test_checkpoints_land_in_the_run_folder_with_metadata(local: Synthetic) -> N
     assert record["training_key"] == outcome.training_key
 
 
+def test_the_same_config_trains_the_same_model_whatever_the_global_rng(tmp_path: Path) -> None:
+    finals = []
+    for name, draws in (("a", 1), ("b", 5)):
+        torch.rand(draws)  # another library drawing from torch's global RNG beforehand
+        inputs = synthetic(str(tmp_path / name), cache_dir=tmp_path / "cache")
+        finals.append(load_checkpoint(train(inputs).checkpoints["final"])["model"])
+    assert finals[0].keys() == finals[1].keys()
+    for key, value in finals[0].items():
+        assert torch.equal(value, finals[1][key]), key
+
+
 def test_a_finished_run_with_the_same_inputs_is_reused(local: Synthetic) -> None:
     first = train(local)
     final = Path(first.checkpoints["final"])
