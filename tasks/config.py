@@ -22,7 +22,7 @@ from tasks.datasets import DatasetConfig
 from tasks.embeddings import GLOVE_FILE_PREFIX, EmbeddingConfig
 from tasks.evaluation import EvaluationConfig
 from tasks.features import FeaturesConfig
-from tasks.storage import StorageConfig
+from tasks.storage import StorageConfig, is_local, local_path
 
 __all__ = [
     "ConfigError",
@@ -208,11 +208,7 @@ def check_input_files(config: PipelineConfig, origin: str | Path) -> None:
     missing = [
         f"  {key}: file not found: {value}"
         for key, value in input_files(config).items()
-        if _is_local(value) and not Path(value.removeprefix("file://")).expanduser().exists()
+        if is_local(value) and not local_path(value).expanduser().exists()
     ]
     if missing:
         raise ConfigError("\n".join([f"invalid config {origin}:", *missing]))
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")

@@ -75,11 +75,12 @@ def _protocol(url: str) -> str:
     return protocol or ""
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
+    """Whether ``url`` is a plain path or a ``file://`` URL (no network behind it)."""
     return _protocol(url) in ("", "file", "local")
 
 
-def _local_path(url: str) -> Path:
+def local_path(url: str) -> Path:
     """The filesystem path behind a plain path or ``file://`` URL."""
     _, path = split_protocol(str(url))
     return Path(path)
@@ -309,8 +310,8 @@ class Storage:
         Local objects are returned in place. Remote objects are downloaded once into
         ``cache_dir``, keyed by URL + ETag + size, so a changed object gets a fresh copy.
         """
-        if _is_local(url):
-            path = _local_path(url)
+        if is_local(url):
+            path = local_path(url)
             if not path.is_file():
                 raise FileNotFoundError(f"no such file: {url}")
             return path
@@ -328,8 +329,8 @@ class Storage:
 
     def _write_atomic(self, url: str, write: Callable[[Path], object]) -> None:
         """Let ``write`` fill a local temporary file, then commit it to ``url``."""
-        if _is_local(url):
-            target = _local_path(url)
+        if is_local(url):
+            target = local_path(url)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(_temporary_name(str(target)))
             try:

@@ -40,7 +40,7 @@ from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FEATURE_IDENTITY, FeatureSet, feature_key
 from tasks.progress import RunProgress
 from tasks.retries import retry_unless_bad_input
-from tasks.storage import Storage
+from tasks.storage import Storage, is_local
 
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig
@@ -295,12 +295,8 @@ def checkpoint_url(storage: Storage, run_name: str, which: str, baseline: str | 
     return f"{run_prefix(storage, run_name, baseline)}/{CHECKPOINTS_DIR}/{which}.pt"
 
 
-def _is_local(storage: Storage) -> bool:
-    return "://" not in storage.root or storage.root.startswith("file://")
-
-
 def _local_checkpoint_dir(storage: Storage, prefix: str, key: str) -> Path:
-    if _is_local(storage):
+    if is_local(storage.root):
         return Path(prefix.removeprefix("file://"))
     return (
         storage.cache_dir / "checkpoints" / hashlib.sha256(prefix.encode()).hexdigest()[:16] / key
@@ -399,7 +395,7 @@ def train_model(
         _clear(storage, checkpoints_prefix, local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     resumed_from = None
-    if record and record.get("training_key") == key and not _is_local(storage):
+    if record and record.get("training_key") == key and not is_local(storage.root):
         resumed_from = _fetch_for_resume(storage, checkpoints_prefix, local_dir)
     elif record and record.get("training_key") == key:
         steps = sorted(local_dir.glob("step-*.pt"))
@@ -437,7 +433,7 @@ def train_model(
         metadata=metadata,
         progress=progress,
     )
-    if _is_local(storage):
+    if is_local(storage.root):
         result = trainer.fit(train, val)
     else:
         with CheckpointMirror(storage, local_dir, checkpoints_prefix):
