@@ -571,6 +571,11 @@ def prepare_nuswide(config: NusWideConfig, storage: Storage) -> DatasetArtifacts
             else ""
         )
         raise DatasetError(f"dataset {config.name}: every image was rejected {reasons}{hint}")
+    emptied = sorted({"train", "test"} - set(labels["split"]))
+    if emptied:
+        raise DatasetError(
+            f"dataset {config.name}: every {' and '.join(emptied)} image was rejected {reasons}"
+        )
     return write_dataset(
         storage,
         config,

@@ -199,7 +199,7 @@ def test_metadata_parses_to_expected_table(
 def test_prepare_writes_tables_and_is_idempotent(tmp_path: Path, storage: Storage) -> None:
     root = write_nuswide(tmp_path / "nus")
     images = tmp_path / "flickr"
-    sizes = {"beach\\0002_12.jpg": None, "dog\\0005_15.jpg": 0, "none\\0007_17.jpg": 4000}
+    sizes = {"beach\\0002_12.jpg": None, "dog\\0005_15.jpg": 0, "tree\\0006_16.jpg": 4000}
     for path, *_ in IMAGES:
         target = images / path.replace("\\", "/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def test_prepare_writes_tables_and_is_idempotent(tmp_path: Path, storage: Storag
     assert sorted(rejects[["image_id", "reason"]].values.tolist()) == [
         ["beach/0002_12", "missing"],
         ["dog/0005_15", "too-small-file"],
-        ["none/0007_17", "too-small-file"],
+        ["tree/0006_16", "too-small-file"],
     ]
     assert not set(rejects["image_id"]) & set(labels["image_id"])
     assert len(labels) == len(IMAGES) - 3
@@ -227,6 +227,20 @@ def test_prepare_writes_tables_and_is_idempotent(tmp_path: Path, storage: Storag
     changed = config.model_copy(update={"num_val": 2})
     prepare_nuswide(changed, storage)
     assert (storage.read_parquet(artifacts.label_table_url)["split"] == "val").sum() == 2
+
+
+def test_a_split_emptied_by_rejection_is_named(tmp_path: Path, storage: Storage) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    images = tmp_path / "flickr"
+    for path, split, *_ in IMAGES:
+        if split == "train":  # every test image is missing
+            target = images / path.replace("\\", "/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"\xff" * 5000)
+    config = NusWideConfig(metadata=str(root), images=str(images), num_val=1, name="nus-no-test")
+    with pytest.raises(DatasetError, match=r"every test image was rejected \{'missing': 3\}"):
+        prepare_nuswide(config, storage)
+    assert not storage.exists(storage.url("datasets", "nus-no-test", "dataset.json"))
 
 
 def test_zipped_metadata_folders_parse_like_unpacked(tmp_path: Path, storage: Storage) -> None:
