@@ -125,9 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32, help="timed images per backbone")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    parser.add_argument(
-        "--threads", type=int, default=usable_cores(), help="torch threads"
-    )
+    parser.add_argument("--threads", type=int, default=usable_cores(), help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -28,11 +28,10 @@ import fsspec
 import numpy as np
 import pandas as pd
 from gensim.models import KeyedVectors
-from prefect import task
 from pydantic import field_validator
 
 from lesa_model.config import StrictModel
-from tasks.retries import retry_unless_bad_input
+from tasks.retries import retrying_task
 from tasks.schemas import LabelEmbeddings, Vocabulary, validate
 from tasks.storage import Storage
 
@@ -343,9 +342,4 @@ def embed_words(
     return _result(labels, tokens, embeddings, config, url=None, cached=False)
 
 
-embed_labels_task = task(
-    name="embed-labels",
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=retry_unless_bad_input,
-)(embed_labels)
+embed_labels_task = retrying_task("embed-labels", retries=2)(embed_labels)

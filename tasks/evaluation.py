@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -31,7 +30,7 @@ from tasks.baselines import BaselineName, random_ranking
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FeatureSet, feature_key, resolve_uri
-from tasks.retries import retry_unless_bad_input
+from tasks.retries import retrying_task
 from tasks.storage import Storage
 from tasks.training import DatasetTables, embedded, split_source
 
@@ -296,13 +295,9 @@ def _baseline_metrics(
     return results
 
 
-evaluate_checkpoint_task = task(
-    name="evaluate",
-    retries=1,
-    retry_delay_seconds=10,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_bad_input,
-)(evaluate_checkpoint)
+evaluate_checkpoint_task = retrying_task("evaluate", retries=1, cache_policy=NO_CACHE)(
+    evaluate_checkpoint
+)
 
 
 def report_prefix(storage: Storage, run_name: str) -> str:

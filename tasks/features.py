@@ -37,7 +37,6 @@ import pandas as pd
 import torch
 from distributed import Client, LocalCluster, as_completed, get_worker
 from PIL import Image
-from prefect import task
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
@@ -57,7 +56,7 @@ from tasks.feature_reader import (
 )
 from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from tasks.progress import RunProgress
-from tasks.retries import retry_unless_bad_input
+from tasks.retries import retrying_task
 from tasks.storage import Storage
 
 __all__ = [
@@ -729,9 +728,4 @@ def _run_shards(
         )
 
 
-extract_features_task = task(
-    name="extract-features",
-    retries=1,
-    retry_delay_seconds=10,
-    retry_condition_fn=retry_unless_bad_input,
-)(extract_features)
+extract_features_task = retrying_task("extract-features", retries=1)(extract_features)

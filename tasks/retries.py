@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect import task
+
 BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+RETRY_DELAY_S = 10
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
@@ -21,3 +24,15 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return True
     return False
+
+
+def retrying_task(name: str, *, retries: int, **options: Any) -> Any:
+    """``task(...)`` for a stage that reads storage or the network: ``retries`` more tries after
+    a transient failure, none after bad input. ``options`` go to Prefect's ``task``."""
+    return task(
+        name=name,
+        retries=retries,
+        retry_delay_seconds=RETRY_DELAY_S,
+        retry_condition_fn=retry_unless_bad_input,
+        **options,
+    )

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
@@ -39,7 +39,7 @@ from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FEATURE_IDENTITY, FeatureSet, feature_key
 from tasks.progress import RunProgress
-from tasks.retries import retry_unless_bad_input
+from tasks.retries import retrying_task
 from tasks.storage import Storage, is_local
 
 if TYPE_CHECKING:
@@ -112,13 +112,9 @@ def load_tables(storage: Storage, dataset: DatasetArtifacts) -> DatasetTables:
     )
 
 
-load_tables_task = task(
-    name="validate-label-table",
-    retries=2,
-    retry_delay_seconds=5,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_bad_input,
-)(load_tables)
+load_tables_task = retrying_task("validate-label-table", retries=2, cache_policy=NO_CACHE)(
+    load_tables
+)
 
 
 def embedded(labels: Sequence[str], embeddings: EmbeddingResult) -> list[str]:
@@ -474,13 +470,7 @@ def train_model(
     )
 
 
-@task(
-    name="train",
-    retries=1,
-    retry_delay_seconds=10,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_bad_input,
-)
+@retrying_task("train", retries=1, cache_policy=NO_CACHE)
 def train_model_task(
     config: PipelineConfig,
     storage: Storage,

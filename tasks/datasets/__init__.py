@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from prefect import task
 from pydantic import Field
 
 from tasks.datasets.base import DatasetArtifacts, DatasetError
@@ -20,7 +19,7 @@ from tasks.datasets.emoji_scenes import EmojiScenesConfig, prepare_emoji_scenes
 from tasks.datasets.nuswide import NusWideConfig, prepare_nuswide
 from tasks.datasets.openimages import OpenImagesConfig, prepare_openimages
 from tasks.datasets.table import TableConfig, prepare_table
-from tasks.retries import retry_unless_bad_input
+from tasks.retries import retrying_task
 from tasks.storage import Storage
 
 __all__ = [
@@ -56,9 +55,4 @@ def prepare_dataset(config: DatasetConfig, storage: Storage) -> DatasetArtifacts
     return _PREPARERS[source](config, storage)
 
 
-prepare_dataset_task = task(
-    name="prepare-dataset",
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=retry_unless_bad_input,
-)(prepare_dataset)
+prepare_dataset_task = retrying_task("prepare-dataset", retries=2)(prepare_dataset)

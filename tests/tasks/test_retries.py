@@ -6,10 +6,13 @@ import pandas as pd
 import pytest
 from prefect.states import Completed, Failed
 
-from tasks.datasets import DatasetError
-from tasks.embeddings import OOVError
+from tasks.datasets import DatasetError, prepare_dataset_task
+from tasks.embeddings import OOVError, embed_labels_task
+from tasks.evaluation import evaluate_checkpoint_task
+from tasks.features import extract_features_task
 from tasks.retries import retry_unless_bad_input
 from tasks.schemas import SchemaError
+from tasks.training import load_tables_task, train_model_task
 
 
 @pytest.mark.parametrize(
@@ -41,3 +44,18 @@ def test_bad_input_is_not_retried(error: Exception) -> None:
 
 def test_a_completed_state_needs_no_retry() -> None:
     assert retry_unless_bad_input(None, None, Completed(data=1)) is False
+
+
+def test_every_storage_stage_retries_with_the_shared_rule() -> None:
+    stages = [
+        prepare_dataset_task,
+        load_tables_task,
+        extract_features_task,
+        embed_labels_task,
+        train_model_task,
+        evaluate_checkpoint_task,
+    ]
+    for stage in stages:
+        assert stage.retries >= 1, stage.name
+        assert stage.retry_condition_fn is retry_unless_bad_input, stage.name
+    assert train_model_task.name == "train"
