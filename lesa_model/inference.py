@@ -58,6 +58,8 @@ def score_with_labels(
             )
             for features, batch_labels in bar:
                 features = as_float_features(features, device)
+                if filled == 0:  # once: the source validated what it holds
+                    model.check_inputs(features, vectors)
                 batch_scores = model(features, vectors).scores.float().cpu().numpy()
                 batch_labels = np.asarray(torch.as_tensor(batch_labels).cpu(), dtype=np.int8)
                 if scores is None or labels is None:
@@ -125,6 +127,7 @@ def attention_for(
     if features.ndim == 2:
         features = features.unsqueeze(0)
     vectors = _as_label_vectors(label_vectors, device)
+    model.check_inputs(features, vectors)
     was_training = model.training
     model.eval()
     try:

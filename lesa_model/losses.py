@@ -1,17 +1,25 @@
 """The LESA training objective (Eq. 5-9, 11, 12), vectorised over images, labels and modules.
 
-Labels are integers in {1, -1, 0}: present, absent, not annotated. Unannotated labels take part
-in no term. ``LossConfig.normalisation`` picks how each term is scaled:
+Labels are integers in {1, -1, 0}: present, absent, not annotated. ``LossConfig.normalisation``
+picks how each term is computed (docs/FIDELITY.md has the full table and sources):
 
-- rank: Eq. 11, the hinge over (present, absent) pairs | per image divided by its number of
-  violating pairs, then the batch mean;
-- div: Eq. 5, the sum of cosines of e_m, e_n (m != n) | the Frobenius norm of the off-diagonal
-  cosine matrix, batch mean;
-- rel: Eq. 6 over annotated labels | the mean over the batch's annotated entries (the release's
-  normalisation of this term is not documented; this is our choice);
-- dist: Eq. 8-9, sum_m l_m^2 | mean_m l_m^2.
+=====  ==========================================  ===========================================
+term   "paper" (Eq. 5-11, summed over the batch)    "release" (``core/model_share_attention.py``)
+=====  ==========================================  ===========================================
+rank   sum of hinges over (present, absent) pairs   per image the hinge sum / number of violating
+                                                    pairs (+1e-8), then the batch mean
+div    sum over images of sum_{m!=n} cos(e_m, e_n)  one Frobenius norm of the whole (B, M, M)
+                                                    tensor of off-diagonal cosines
+rel    sum over annotated (i, o) of                 plain sum over every (i, o) of
+       max((s_bar - s) y, 0)                        max(-(s - s_bar) y + margin, 0)
+dist   sum_m l_m^2, l_m summed over the batch's     per image: P_m = sum over its positives of
+       images and their positives                   softmax_m; mean_m P_m^2; mean over images
+=====  ==========================================  ===========================================
 
-Left of "|" is "paper" (sums over the batch's images), right is "release".
+Cosines normalise e as TensorFlow's ``l2_normalize`` does, ``e / sqrt(max(|e|^2, 1e-12))``.
+
+Nothing here checks its inputs: this is the training hot path, and the labels are validated once
+where they enter (the batch sources), the model output's finiteness by the trainer at log time.
 
 The rank loss is computed without materialising the (B, C, C) pair tensor: for a present label
 o, ``sum_{o'} max(1 + s_o' - s_o, 0)`` is the sum of the absent scores above ``s_o - 1`` minus
@@ -24,11 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lesa_model.config import LossConfig
 from lesa_model.model import LesaOutput
-from lesa_model.validation import check_label_values
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class LossTerms:
     div: torch.Tensor
     rel: torch.Tensor
     dist: torch.Tensor
+    l2: torch.Tensor
+    """The L2 penalty on the model's weights (``LossConfig.l2``), already weighted."""
 
 
 def rank_hinge(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,72 +76,53 @@ def rank_hinge(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return hinge.sum(dim=1), violations
 
 
-def diversity(logits: torch.Tensor) -> torch.Tensor:
-    """Per image (B,): the off-diagonal cosine matrix of the modules' logits e (B, M, R)."""
-    unit = F.normalize(logits, dim=-1)
+def cosines(logits: torch.Tensor) -> torch.Tensor:
+    """(B, M, M) cosines between the modules' logits e (B, M, R), the diagonal set to 0."""
+    unit = logits * torch.rsqrt(logits.square().sum(dim=-1, keepdim=True).clamp(min=1e-12))
     cosine = unit @ unit.transpose(1, 2)
     eye = torch.eye(cosine.shape[1], dtype=torch.bool, device=cosine.device)
     return cosine.masked_fill(eye, 0.0)
 
 
-LOSS_INPUTS = ("scores", "logits", "module_scores", "mean_scores")
-"""The fields of :class:`LesaOutput` the loss reads."""
-
-
-def check_finite_output(output: LesaOutput) -> None:
-    """Refuse NaN or inf in what the loss reads: they would turn every term into NaN silently.
-
-    One reduction over all fields, so the check costs a single device sync per step.
-    """
-    finite = torch.stack([torch.isfinite(getattr(output, name)).all() for name in LOSS_INPUTS])
-    if not bool(finite.all()):
-        bad = [name for name, ok in zip(LOSS_INPUTS, finite.tolist(), strict=True) if not ok]
-        raise ValueError(
-            f"the model output's {', '.join(bad)} contain NaN or inf "
-            "(diverged training or non-finite weights)"
-        )
-
-
-def lesa_loss(output: LesaOutput, labels: torch.Tensor, cfg: LossConfig | None = None) -> LossTerms:
-    """Eq. 12 for one batch: ``rank + div_w * div + rel_w * rel + dist_w * dist``.
+def lesa_loss(
+    output: LesaOutput,
+    labels: torch.Tensor,
+    cfg: LossConfig | None = None,
+    *,
+    l2: torch.Tensor | None = None,
+) -> LossTerms:
+    """Eq. 12 for one batch: ``rank + div_w * div + rel_w * rel + dist_w * dist (+ l2)``.
 
     Args:
         output: the model's forward pass on the batch.
         labels: (B, C) integers in {1, -1, 0}, aligned with ``output.scores``.
         cfg: term weights and normalisation; the paper's by default.
+        l2: the weighted L2 penalty of the model's weights (``LESA.l2_penalty``), if any.
     """
     cfg = cfg or LossConfig()
     scores = output.scores
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.shape != scores.shape:
         raise ValueError(
             f"labels have shape {tuple(labels.shape)}, the scores {tuple(scores.shape)}"
         )
-    check_label_values(labels)
-    check_finite_output(output)
     labels = labels.to(scores.device)
     positive = (labels == 1).to(scores.dtype)
     sign = labels.to(scores.dtype)
-    release = cfg.normalisation == "release"
-
     hinge, violations = rank_hinge(scores, labels)
-    off_diagonal = diversity(output.logits)
-    relevance = torch.relu((output.mean_scores - scores) * sign)
-    usage = (torch.softmax(output.module_scores, dim=1) * positive[:, None, :]).sum(dim=(0, 2))
-
-    if release:
-        rank = (hinge / violations.clamp(min=1)).mean()
-        if off_diagonal.shape[1] > 1:
-            div = torch.linalg.matrix_norm(off_diagonal).mean()
-        else:
-            div = off_diagonal.sum()
-        rel = relevance.sum() / (labels != 0).sum().clamp(min=1)
-        dist = usage.square().mean()
+    off_diagonal = cosines(output.logits)
+    # (B, M): per image, the summed softmax over modules of its present labels.
+    usage = (torch.softmax(output.module_scores, dim=1) * positive[:, None, :]).sum(dim=2)
+    margin = scores - output.mean_scores
+    if cfg.normalisation == "release":
+        rank = (hinge / (violations.to(hinge.dtype) + 1e-8)).mean()
+        div = torch.linalg.vector_norm(off_diagonal)
+        rel = torch.relu(-margin * sign + cfg.rel_margin).sum()
+        dist = usage.square().mean(dim=1).mean()
     else:
         rank = hinge.sum()
         div = off_diagonal.sum()
-        rel = relevance.sum()
-        dist = usage.square().sum()
-    total = rank + cfg.div * div + cfg.rel * rel + cfg.dist * dist
-    return LossTerms(total=total, rank=rank, div=div, rel=rel, dist=dist)
+        rel = torch.relu(-margin * sign).sum()
+        dist = usage.sum(dim=0).square().sum()
+    penalty = l2 if l2 is not None else scores.new_zeros(())
+    total = rank + cfg.div * div + cfg.rel * rel + cfg.dist * dist + penalty
+    return LossTerms(total=total, rank=rank, div=div, rel=rel, dist=dist, l2=penalty)

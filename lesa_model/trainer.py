@@ -10,8 +10,9 @@ the same parameters as 2N steps straight.
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -28,6 +29,8 @@ from lesa_model.inference import score_with_labels
 from lesa_model.losses import LossTerms, lesa_loss
 from lesa_model.metrics import average_precision, precision_recall_f1_at_k
 from lesa_model.model import LESA, LesaOutput
+from lesa_model.optim import tf_rmsprop
+from lesa_model.schedule import ReleasePlateau
 from lesa_model.validation import as_float_features, check_label_vectors
 
 STEP_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
@@ -61,14 +64,38 @@ def step_checkpoint_name(step: int) -> str:
 
 
 def make_optimizer(model: LESA, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    """RMSprop as in the paper (lr, PyTorch defaults) or the release (decay/momentum 0.9, eps 1).
+    """TensorFlow's RMSprop with the paper's or the release's settings (``lesa_model.optim``)."""
+    return tf_rmsprop(model.parameters(), cfg.lr, cfg.optimizer)
 
-    TensorFlow adds epsilon inside the square root and PyTorch outside, so "release" matches the
-    authors' settings, not their update bit for bit.
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> ReleasePlateau | None:
+    """The release's adaptive learning rate, or None for a constant rate."""
+    if cfg.lr_schedule == "constant":
+        return None
+    return ReleasePlateau(
+        optimizer,
+        signal=cfg.val_ema,
+        decay_rate=cfg.plateau_factor,
+        patience=cfg.plateau_patience,
+        limit_ratio=cfg.plateau_min_lr_ratio,
+    )
+
+
+def use_deterministic_cuda() -> None:
+    """Make CUDA kernels deterministic for this process (cuBLAS workspace, cuDNN, scatter ops).
+
+    Ops without a deterministic CUDA kernel then raise instead of silently varying.
     """
-    if cfg.optimizer == "release":
-        return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=0.9, momentum=0.9, eps=1.0)
-    return torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
+def validation_ks(cfg: TrainerConfig, ks: Sequence[int] | None) -> list[int]:
+    """The K of every F1@K validation reports: the evaluation's, plus the selection's own."""
+    chosen = sorted(set(ks or ()) | ({cfg.select_k} if cfg.select_k else set()))
+    return chosen
 
 
 def _float32(output: LesaOutput) -> LesaOutput:
@@ -95,6 +122,8 @@ class Trainer:
         checkpoint_dir: local folder for ``step-*.pt``, ``best.pt`` and ``final.pt``.
         metadata: JSON-like facts stored in every checkpoint (label names, embedding source...).
         progress: called with every history record (log and validation steps).
+        val_ks: the K of every F1@K validation reports (the evaluation's cut-offs), besides mAP
+            and the selection metric's own K.
     """
 
     def __init__(
@@ -107,40 +136,34 @@ class Trainer:
         *,
         metadata: dict[str, Any] | None = None,
         progress: Callable[[dict[str, float]], None] | None = None,
+        val_ks: Sequence[int] | None = None,
     ) -> None:
         self.cfg = cfg or TrainerConfig()
         self.loss_cfg = loss_cfg or LossConfig()
         self.device = resolve_device(self.cfg.device)
+        if self.cfg.deterministic and self.device.type == "cuda":
+            use_deterministic_cuda()
         self.model = model.to(self.device)
         self.label_vectors = torch.as_tensor(label_vectors, dtype=torch.float32, device=self.device)
         check_label_vectors(self.label_vectors, model.label_dim)
-        if self.cfg.eval_k > self.label_vectors.shape[0]:
+        self.val_ks = validation_ks(self.cfg, val_ks)
+        too_large = [k for k in self.val_ks if k > self.label_vectors.shape[0]]
+        if too_large:
             raise ValueError(
-                f"eval_k = {self.cfg.eval_k} is larger than the number of training labels "
-                f"({self.label_vectors.shape[0]})"
+                f"validation F1@K with K = {too_large} is larger than the number of training "
+                f"labels ({self.label_vectors.shape[0]})"
             )
         self.checkpoint_dir = Path(checkpoint_dir)
         self.metadata = dict(metadata or {})
         self.progress = progress
         self.amp = self.cfg.mixed_precision and self.device.type == "cuda"
         self.optimizer = make_optimizer(self.model, self.cfg)
-        self.scheduler = (
-            torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer,
-                mode="max",
-                factor=self.cfg.plateau_factor,
-                patience=self.cfg.plateau_patience,
-                min_lr=self.cfg.lr * self.cfg.plateau_min_lr_ratio,
-            )
-            if self.cfg.lr_schedule == "release-plateau"
-            else None
-        )
+        self.schedule = make_schedule(self.optimizer, self.cfg)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.best_metric: float | None = None
         self.best_step: int | None = None
-        self.ema: float | None = None
         self.history: list[dict[str, float]] = []
         self._window: dict[str, float | torch.Tensor] = dict.fromkeys(LOSS_KEYS, 0.0)
         self._window_steps = 0
@@ -168,14 +191,13 @@ class Trainer:
         return {
             **model_payload(self.model),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "schedule": self.schedule.state_dict() if self.schedule else None,
             "rng": rng,
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "best_metric": self.best_metric,
             "best_step": self.best_step,
-            "ema": self.ema,
             "history": self.history,
             "window": {
                 "sums": {key: float(value) for key, value in self._window.items()},
@@ -198,8 +220,8 @@ class Trainer:
                 )
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        if self.scheduler is not None and payload["scheduler"] is not None:
-            self.scheduler.load_state_dict(payload["scheduler"])
+        if self.schedule is not None and payload.get("schedule") is not None:
+            self.schedule.load_state_dict(payload["schedule"])
         torch.set_rng_state(payload["rng"]["torch"].cpu())
         if "cuda" in payload["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([state.cpu() for state in payload["rng"]["cuda"]])
@@ -208,7 +230,6 @@ class Trainer:
         self.batch_in_epoch = int(payload["batch_in_epoch"])
         self.best_metric = payload["best_metric"]
         self.best_step = payload["best_step"]
-        self.ema = payload["ema"]
         self.history = list(payload["history"])
         self._window = dict(payload["window"]["sums"])
         self._window_steps = int(payload["window"]["steps"])
@@ -231,8 +252,13 @@ class Trainer:
             return self.cfg.epochs * batch_count(train.num_images, self.cfg.batch_size)
         return self.cfg.steps
 
-    def train_step(self, features: Any, labels: Any) -> LossTerms:
-        """One optimiser step on one batch; returns the (detached) loss terms."""
+    def train_step(self, features: Any, labels: Any) -> LossTerms | None:
+        """One optimiser step on one batch; returns the (detached) loss terms.
+
+        No host sync happens here (the loss stays on the device), except with
+        ``skip_images_without_positives``, which must know which rows to keep; a batch left
+        empty by it makes no update and returns None, as the release's ``continue`` does.
+        """
         features = as_float_features(features, self.device)
         labels = torch.as_tensor(labels, device=self.device)
         if labels.ndim != 2 or labels.shape[1] != self.label_vectors.shape[0]:
@@ -240,20 +266,26 @@ class Trainer:
                 f"training labels have shape {tuple(labels.shape)}; expected (batch, "
                 f"{self.label_vectors.shape[0]}) to match the label vectors"
             )
+        if self.cfg.skip_images_without_positives:
+            keep = (labels == 1).any(dim=1)
+            if not bool(keep.any()):
+                return None
+            features, labels = features[keep], labels[keep]
         self.model.train()
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
         )
         with autocast:
             output = self.model(features, self.label_vectors)
-        terms = lesa_loss(_float32(output), labels, self.loss_cfg)
+        l2 = self.model.l2_penalty(self.loss_cfg.l2)
+        terms = lesa_loss(_float32(output), labels, self.loss_cfg, l2=l2)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         self.optimizer.step()
         return LossTerms(**{key: getattr(terms, key).detach() for key in LOSS_KEYS})
 
     def validate(self, val: BatchSource) -> dict[str, float]:
-        """F1@eval_k and mAP on the validation source's (seen) labels."""
+        """mAP and F1@K (every K of ``val_ks``) on the validation source's (seen) labels."""
         batch_size = max(self.cfg.batch_size, 256)
         scores, labels = score_with_labels(
             self.model, val, self.label_vectors, batch_size, progress=False
@@ -263,9 +295,10 @@ class Trainer:
                 f"validation labels have {labels.shape[1]} columns, the label vectors "
                 f"{scores.shape[1]}"
             )
-        k = self.cfg.eval_k
-        f1 = precision_recall_f1_at_k(scores, labels, k)[2]
-        return {f"val_F1@{k}": f1, "val_mAP": float(average_precision(scores, labels).mean())}
+        metrics = {"val_mAP": float(average_precision(scores, labels).mean())}
+        for k in self.val_ks:
+            metrics[f"val_F1@{k}"] = precision_recall_f1_at_k(scores, labels, k)[2]
+        return metrics
 
     def _record(self, record: dict[str, float]) -> None:
         if self.history and self.history[-1]["step"] == record["step"]:
@@ -277,9 +310,11 @@ class Trainer:
 
     def _log(self) -> dict[str, float]:
         means = {key: float(value) / self._window_steps for key, value in self._window.items()}
-        if not math.isfinite(means["total"]):
+        bad = [key for key, value in means.items() if not math.isfinite(value)]
+        if bad:
             raise FloatingPointError(
-                f"training diverged: the loss is {means['total']} at step {self.step}"
+                f"training diverged at step {self.step}: the loss terms {', '.join(bad)} are "
+                f"NaN or inf (non-finite features or weights, or a too-large learning rate)"
             )
         self._window = dict.fromkeys(LOSS_KEYS, 0.0)
         self._window_steps = 0
@@ -289,56 +324,73 @@ class Trainer:
         return record
 
     def _validate_and_select(self, val: BatchSource) -> None:
+        """Validate, feed the schedule, and keep ``best.pt`` on ``>=`` of the selection metric."""
         metrics = self.validate(val)
-        metric = metrics[f"val_F1@{self.cfg.eval_k}"]
-        weight = self.cfg.val_ema
-        self.ema = metric if self.ema is None else weight * metric + (1 - weight) * self.ema
-        if self.scheduler is not None:
-            self.scheduler.step(self.ema)
-        self._record({"step": float(self.step), **metrics, "val_ema": self.ema})
-        if self.best_metric is None or metric > self.best_metric:
+        metric = metrics[f"val_{self.cfg.select}"]
+        if self.schedule is not None:
+            self.schedule.step(metric)
+            metrics |= {"val_ema": self.schedule.ema, "next_lr": self.schedule.lr}
+        self._record({"step": float(self.step), **metrics})
+        if self.best_metric is None or metric >= self.best_metric:
             self.best_metric, self.best_step = metric, self.step
             save_checkpoint(self.checkpoint_dir / "best.pt", self.state())
 
-    def _after_step(self, terms: LossTerms, val: BatchSource | None, total: int) -> None:
-        for key in LOSS_KEYS:  # summed as tensors: no device sync per step
-            self._window[key] = self._window[key] + getattr(terms, key)
-        self._window_steps += 1
-        if self.step % self.cfg.log_every == 0 or self.step == total:
+    def _is_validation_step(self, total: int) -> bool:
+        """Every ``val_every`` steps and at the end; from step 1 on with ``validate_first_step``."""
+        since = self.step - 1 if self.cfg.validate_first_step else self.step
+        return since % self.cfg.val_every == 0 or self.step == total
+
+    def _after_step(self, terms: LossTerms | None, val: BatchSource | None, total: int) -> None:
+        if terms is not None:
+            for key in LOSS_KEYS:  # summed as tensors: no device sync per step
+                self._window[key] = self._window[key] + getattr(terms, key)
+            self._window_steps += 1
+        if (self.step % self.cfg.log_every == 0 or self.step == total) and self._window_steps:
             self._log()
-        if val is not None and (self.step % self.cfg.val_every == 0 or self.step == total):
+        if val is not None and self._is_validation_step(total):
             self._validate_and_select(val)
         if self.step % self.cfg.checkpoint_every == 0:
             self._save_step_checkpoint()
 
-    def fit(
-        self, train: BatchSource, val: BatchSource | None = None, *, resume: bool = True
-    ) -> TrainResult:
-        """Train to the configured number of steps, resuming from ``checkpoint_dir`` if asked.
-
-        Validation (when ``val`` is given) runs every ``val_every`` steps and at the end; the
-        best F1@eval_k is saved as ``best.pt``. The run always ends with ``final.pt``.
-        """
-        if train.num_images < 1:
-            raise ValueError("the training source holds no images")
+    def _start(self, resume: bool) -> None:
+        """Resume from the latest checkpoint, or seed the run's RNG for a fresh start."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         latest = self.latest_checkpoint() if resume else None
         if latest is not None:
             self.restore(latest)
         else:
             torch.manual_seed(self.cfg.seed)
+
+    def fit(
+        self, train: BatchSource, val: BatchSource | None = None, *, resume: bool = True
+    ) -> TrainResult:
+        """Train to the configured number of steps, resuming from ``checkpoint_dir`` if asked.
+
+        Validation (when ``val`` is given) runs as :class:`TrainerConfig` describes; the best
+        selection metric is saved as ``best.pt``. The run always ends with ``final.pt``. The
+        first batch's features are checked once (:meth:`LESA.check_inputs`); the sources
+        validated their labels when they were built.
+        """
+        if train.num_images < 1:
+            raise ValueError("the training source holds no images")
+        self._start(resume)
         total = self.total_steps(train)
         bar = tqdm(
             total=total, initial=min(self.step, total), desc="training", unit="step", disable=None
         )
+        checked = False
         try:
             while self.step < total:
                 batches = train.batches(
-                    self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=self.epoch
-                )
+                    self.cfg.batch_size, shuffle=self.cfg.shuffle, seed=self.cfg.seed,
+                    epoch=self.epoch,
+                )  # fmt: skip
                 for index, (features, labels) in enumerate(batches):
                     if index < self.batch_in_epoch:
                         continue
+                    if not checked:
+                        self.model.check_inputs(as_float_features(features, self.device))
+                        checked = True
                     terms = self.train_step(features, labels)
                     self.step += 1
                     self.batch_in_epoch = index + 1

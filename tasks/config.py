@@ -14,7 +14,7 @@ from typing import Any
 
 import fsspec
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from lesa_model.config import LossConfig, ModelConfig, StrictModel, TrainerConfig
 from tasks.backbones import PRETRAINED, RANDOM
@@ -67,6 +67,17 @@ class PipelineConfig(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _one_k_setting(self) -> PipelineConfig:
+        """Validation and evaluation report F1 at the same K: the selection must be one of them."""
+        k = self.train.select_k
+        if k is not None and k not in self.evaluation.ks:
+            raise ValueError(
+                f"train.select is F1@{k}, but evaluation.ks is {self.evaluation.ks}: select "
+                f"F1 at one of those K (or mAP): validation and evaluation use one K setting"
+            )
+        return self
 
 
 def parse_override(text: str) -> tuple[str, Any]:

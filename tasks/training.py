@@ -428,6 +428,7 @@ def train_model(
         local_dir,
         metadata=metadata,
         progress=progress,
+        val_ks=config.evaluation.ks,
     )
     if is_local(storage.root):
         result = trainer.fit(train, val)

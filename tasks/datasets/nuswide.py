@@ -437,11 +437,6 @@ def build_nuswide_tables(
     metadata: NusWideMetadata, *, num_val: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Label table and vocabulary for the paper's zero-shot split."""
-    if num_val >= len(metadata.train_paths):
-        raise DatasetError(
-            f"num_val={num_val} leaves no training images (the train list has "
-            f"{len(metadata.train_paths)})"
-        )
     vocabulary = nuswide_vocabulary(metadata.tags, metadata.concepts)
     seen_names = vocabulary.loc[vocabulary["seen"], "label"].tolist()
     seen_columns = np.flatnonzero(seen_tag_mask(metadata.tags, metadata.concepts))
@@ -451,11 +446,7 @@ def build_nuswide_tables(
         [*seen_names, *metadata.concepts],
     )
     paths = [*metadata.train_paths, *metadata.test_paths]
-    splits = (
-        ["val"] * num_val
-        + ["train"] * (len(metadata.train_paths) - num_val)
-        + ["test"] * len(metadata.test_paths)
-    )
+    splits = ["train"] * len(metadata.train_paths) + ["test"] * len(metadata.test_paths)
     labels = pd.DataFrame(
         {
             "image_id": [_image_id(path) for path in paths],
@@ -472,7 +463,26 @@ def build_nuswide_tables(
             f"{int(duplicated.sum())} duplicate image ids, e.g. "
             f"{labels.loc[duplicated, 'image_id'].head().tolist()}"
         )
-    return labels, vocabulary
+    return assign_validation(labels, num_val), vocabulary
+
+
+def assign_validation(labels: pd.DataFrame, num_val: int) -> pd.DataFrame:
+    """The first ``num_val`` images of the train list (in its order) become the val split.
+
+    Called again after unavailable images are dropped, so validation is the first ``num_val``
+    *usable* training images, as in the release (its validation set is the first 5,000 records
+    of the feature file, written after tiny and placeholder images were skipped).
+    """
+    train_list = np.flatnonzero(labels["split"].isin(["train", "val"]).to_numpy())
+    if num_val >= len(train_list):
+        raise DatasetError(
+            f"num_val={num_val} leaves no training images (the train list has "
+            f"{len(train_list)} usable images)"
+        )
+    splits = labels["split"].to_numpy(dtype=object).copy()
+    splits[train_list] = "train"
+    splits[train_list[:num_val]] = "val"
+    return labels.assign(split=splits)
 
 
 def read_url_list(storage: Storage, url: str) -> pd.DataFrame:
@@ -561,6 +571,8 @@ def prepare_nuswide(config: NusWideConfig, storage: Storage) -> DatasetArtifacts
         images_prefix = dataset_url(storage, config.name, IMAGES_DIR)
         rejects = _download_images(labels, config, storage, images_prefix)
     labels = labels[~labels["image_id"].isin(rejects["image_id"])].reset_index(drop=True)
+    if len(rejects) and (labels["split"] != "test").any():
+        labels = assign_validation(labels, config.num_val)
     reasons = rejects["reason"].value_counts().to_dict()
     if reasons:
         logger.warning("dataset %s: %d images rejected %s", config.name, len(rejects), reasons)

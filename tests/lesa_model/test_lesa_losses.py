@@ -95,23 +95,29 @@ def test_hand_computed_rank_loss() -> None:
     assert math.isclose(float(release.rank), 3.1 / 2, rel_tol=1e-6)
 
 
-def test_bad_labels_are_rejected() -> None:
-    output = _output(0)
+def test_labels_of_the_wrong_shape_are_rejected() -> None:
     with pytest.raises(ValueError, match="shape"):
-        lesa_loss(output, torch.zeros(B, C + 1, dtype=torch.int8))
-    with pytest.raises(ValueError, match="1, -1 or 0"):
-        lesa_loss(output, torch.full((B, C), 2, dtype=torch.int8))
-    with pytest.raises(ValueError, match="integer"):
-        lesa_loss(output, torch.zeros(B, C))
+        lesa_loss(_output(0), torch.zeros(B, C + 1, dtype=torch.int8))
 
 
-@pytest.mark.parametrize("field", ["scores", "logits", "module_scores", "mean_scores"])
-def test_non_finite_output_is_named(field: str) -> None:
+def test_release_rel_margin_counts_every_entry() -> None:
+    """With a margin, the release's rel adds it for unannotated (y = 0) entries too."""
+    labels = _labels(0)
     output = _output(0)
-    broken = getattr(output, field).detach().clone()
-    broken.view(-1)[3] = float("nan") if field != "logits" else float("inf")
-    with pytest.raises(ValueError, match=f"output's {field} contain NaN or inf"):
-        lesa_loss(LesaOutput(**{**output.__dict__, field: broken}), _labels(0))
+    cfg = LossConfig(normalisation="release", rel_margin=0.5)
+    with_margin = lesa_loss(output, labels, cfg).rel
+    slow = loop_terms(_output(0), labels, "release", rel_margin=0.5)["rel"]
+    torch.testing.assert_close(with_margin, slow)
+    assert float(with_margin.detach()) >= 0.5 * int((labels == 0).sum())
+    with pytest.raises(ValueError, match="rel_margin"):
+        LossConfig(rel_margin=0.5)
+
+
+def test_l2_penalty_is_added_to_the_total() -> None:
+    terms = lesa_loss(_output(0), _labels(0), l2=torch.tensor(2.5))
+    base = lesa_loss(_output(0), _labels(0))
+    torch.testing.assert_close(terms.total, base.total + 2.5)
+    assert float(terms.l2) == 2.5 and float(base.l2) == 0.0
 
 
 @pytest.mark.parametrize("normalisation", ["paper", "release"])

@@ -77,26 +77,6 @@ def test_shared_first_layer_equals_the_release_formula(inputs) -> None:
             torch.testing.assert_close(out.logits[i, m], expected)
 
 
-def test_feature_adapter_pads_after_the_data_like_tensorflow_same() -> None:
-    """Output cell (y, x) convolves input cells (y..y+1, x..x+1); beyond the grid counts as 0."""
-    torch.manual_seed(0)
-    h, w, dim = 2, 3, 4
-    model = LESA(dim, d, ModelConfig(num_modules=2, feature_adapter=True), grid=(h, w)).eval()
-    features = torch.randn(1, h * w, dim)
-    adapted = model.region_features(features).detach()
-    conv, norm = model.adapter.conv, model.adapter.norm
-    grid = torch.zeros(h + 1, w + 1, dim)
-    grid[:h, :w] = features[0].view(h, w, dim)
-    for y in range(h):
-        for x in range(w):
-            value = conv.bias.detach().clone()
-            for i in range(2):
-                for j in range(2):
-                    value += conv.weight[:, :, i, j].detach() @ grid[y + i, x + j]
-            value = value / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
-            torch.testing.assert_close(adapted[0, y * w + x], value.detach())
-
-
 def test_mean_pooling_is_the_region_average(inputs) -> None:
     features, vectors = inputs
     model = LESA(D, d, ModelConfig(pooling="mean"))
@@ -120,32 +100,32 @@ def test_bad_input_is_named(inputs) -> None:
     nan = features.clone()
     nan[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="features contains NaN"):
-        model(nan, vectors)
+        model.check_inputs(nan, vectors)
     with pytest.raises(ValueError, match="dimension"):
-        model(features[..., :-1], vectors)
+        model.check_inputs(features[..., :-1], vectors)
     with pytest.raises(ValueError, match="3 dimensions"):
-        model(features[0], vectors)
+        model.check_inputs(features[0], vectors)
     with pytest.raises(ValueError, match="floating-point"):
-        model(features.long(), vectors)
+        model.check_inputs(features.long(), vectors)
     with pytest.raises(ValueError, match=r"features have dtype torch\.float64"):
-        model(features.double(), vectors)
+        model.check_inputs(features.double(), vectors)
     infinite = features.clone()
     infinite[1, 2, 3] = float("inf")
     with pytest.raises(ValueError, match="features contains NaN or inf"):
-        model(infinite, vectors)
+        model.check_inputs(infinite, vectors)
     nan_vectors = vectors.clone()
     nan_vectors[1, 0] = float("nan")
     with pytest.raises(ValueError, match="label_vectors contains NaN or inf"):
-        model(features, nan_vectors)
+        model.check_inputs(features, nan_vectors)
     with pytest.raises(ValueError, match="empty"):
-        model(features, vectors[:0])
+        model.check_inputs(features, vectors[:0])
     zero = vectors.clone()
     zero[2] = 0
     with pytest.raises(ValueError, match=r"all-zero rows .*\[2\]"):
-        model(features, zero)
+        model.check_inputs(features, zero)
     with pytest.raises(ValueError, match="label_vectors have dimension"):
-        model(features, vectors[:, :-1])
+        model.check_inputs(features, vectors[:, :-1])
     with pytest.raises(ValueError, match="grid"):
         LESA(D, d, ModelConfig(feature_adapter=True))
     with pytest.raises(ValueError, match="regions"):
-        LESA(D, d, ModelConfig(feature_adapter=True), grid=(2, 2))(features, vectors)
+        LESA(D, d, ModelConfig(feature_adapter=True), grid=(2, 2)).check_inputs(features)

@@ -52,7 +52,7 @@ def test_overfits_a_tiny_set(tmp_path: Path) -> None:
     source, vectors = _problem()
     model = _model()
     cfg = TrainerConfig(
-        steps=400, lr=1e-2, batch_size=8, val_every=100, eval_k=2, log_every=50,
+        steps=400, lr=1e-2, batch_size=8, val_every=100, select="F1@2", log_every=50,
         checkpoint_every=100, keep_checkpoints=2,
     )  # fmt: skip
     result = Trainer(model, vectors, cfg, checkpoint_dir=tmp_path, metadata={"a": 1}).fit(
@@ -69,7 +69,7 @@ def test_overfits_a_tiny_set(tmp_path: Path) -> None:
         "step-00000300.pt",
         "step-00000400.pt",
     ]
-    best_scores = [r[f"val_F1@{cfg.eval_k}"] for r in result.history if "val_F1@2" in r]
+    best_scores = [r["val_F1@2"] for r in result.history if "val_F1@2" in r]
     assert result.best_metric == max(best_scores)
     reloaded, metadata = load_model(result.final_checkpoint)
     assert metadata == {"a": 1}
@@ -85,16 +85,13 @@ def test_interrupt_and_resume_equals_straight_run(tmp_path: Path, schedule: str)
     source, vectors = _problem()
     # 4 batches per epoch: the checkpoint at step 6 falls mid-epoch.
     cfg = TrainerConfig(
-        steps=12, lr=3e-3, batch_size=8, val_every=2, eval_k=2, log_every=1,
+        steps=12, lr=3e-3, batch_size=8, val_every=2, select="F1@2", log_every=1,
         checkpoint_every=6, lr_schedule=schedule, plateau_patience=1, plateau_factor=0.5,
-        optimizer="release" if schedule != "constant" else "paper",
+        val_ema=1.0, optimizer="release" if schedule != "constant" else "paper",
     )  # fmt: skip
-    # Under the plateau schedule, validate on a set without positives: F1 stays 0, lr decays.
-    val = (
-        source
-        if schedule == "constant"
-        else TensorBatchSource(source.features, -np.ones((N, C), dtype=np.int8))
-    )
+    # Under the plateau schedule, validate on the flipped labels: F1 falls as training learns
+    # the true ones, so (no smoothing) the rate halves at steps 4, 8, 10 and 12, around step 6.
+    val = source if schedule == "constant" else TensorBatchSource(source.features, -source.labels)
     straight_model = _model()
     straight = Trainer(straight_model, vectors, cfg, checkpoint_dir=tmp_path / "a").fit(source, val)
     again = Trainer(_model(), vectors, cfg, checkpoint_dir=tmp_path / "b").fit(source, val)
@@ -118,7 +115,7 @@ def test_interrupt_and_resume_equals_straight_run(tmp_path: Path, schedule: str)
     assert resumed.history == straight.history
     assert (resumed.best_step, resumed.best_metric) == (straight.best_step, straight.best_metric)
     if schedule == "release-plateau":
-        assert straight.history[-1]["lr"] == pytest.approx(cfg.lr * 0.25)
+        assert straight.history[-1]["next_lr"] == pytest.approx(cfg.lr * 0.5**4)
 
 
 def test_resume_rejects_a_different_architecture(tmp_path: Path) -> None:
@@ -134,16 +131,18 @@ def test_resume_rejects_a_different_architecture(tmp_path: Path) -> None:
 
 def test_bad_setup_is_named(tmp_path: Path) -> None:
     source, vectors = _problem()
-    with pytest.raises(ValueError, match="eval_k"):
-        Trainer(_model(), vectors, TrainerConfig(eval_k=C + 1), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"F1@K with K = \[9\]"):
+        Trainer(_model(), vectors, TrainerConfig(select=f"F1@{C + 1}"), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="select"):
+        TrainerConfig(select="F1@0")
     with pytest.raises(ValueError, match="all-zero"):
         Trainer(_model(), np.zeros((C, d), np.float32), checkpoint_dir=tmp_path)
     trainer = Trainer(
-        _model(), vectors[:-1], TrainerConfig(steps=1, eval_k=2), checkpoint_dir=tmp_path
+        _model(), vectors[:-1], TrainerConfig(steps=1, select="F1@2"), checkpoint_dir=tmp_path
     )
     with pytest.raises(ValueError, match="match the label vectors"):
         trainer.fit(source)
-    trainer = Trainer(_model(), vectors, TrainerConfig(eval_k=2), checkpoint_dir=tmp_path)
+    trainer = Trainer(_model(), vectors, TrainerConfig(select="F1@2"), checkpoint_dir=tmp_path)
     features = source.features[:4].numpy()
     with pytest.raises(ValueError, match="features must be floating point"):
         trainer.train_step(features.astype(np.int32), source.labels[:4])
@@ -151,7 +150,7 @@ def test_bad_setup_is_named(tmp_path: Path) -> None:
 
 def test_epochs_set_the_number_of_steps(tmp_path: Path) -> None:
     source, vectors = _problem()  # 32 images in batches of 12: 3 batches per epoch
-    cfg = TrainerConfig(steps=1000, epochs=2, batch_size=12, eval_k=2, log_every=1)
+    cfg = TrainerConfig(steps=1000, epochs=2, batch_size=12, select="F1@2", log_every=1)
     result = Trainer(_model(), vectors, cfg, checkpoint_dir=tmp_path).fit(source)
     assert result.final_step == 6
     assert [record["step"] for record in result.history] == [1, 2, 3, 4, 5, 6]
@@ -164,3 +163,76 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_best_checkpoint_keeps_the_later_of_equal_values(tmp_path: Path) -> None:
+    """Validation without any positive gives F1 0 every time: ``>=`` keeps the last one."""
+    source, vectors = _problem()
+    val = TensorBatchSource(source.features, -np.ones((N, C), dtype=np.int8))
+    cfg = TrainerConfig(steps=6, batch_size=8, val_every=2, select="F1@2", log_every=1)
+    result = Trainer(_model(), vectors, cfg, checkpoint_dir=tmp_path).fit(source, val)
+    assert (result.best_step, result.best_metric) == (6, 0.0)
+
+
+def test_validation_steps_follow_the_release_when_asked(tmp_path: Path) -> None:
+    source, vectors = _problem()
+    steps = {}
+    for first in (False, True):
+        cfg = TrainerConfig(
+            steps=10, batch_size=8, val_every=4, select="mAP", log_every=5,
+            validate_first_step=first,
+        )  # fmt: skip
+        result = Trainer(_model(), vectors, cfg, checkpoint_dir=tmp_path / str(first)).fit(
+            source, source
+        )
+        steps[first] = [int(r["step"]) for r in result.history if "val_mAP" in r]
+    assert steps == {False: [4, 8, 10], True: [1, 5, 9, 10]}
+
+
+class _Recording(TensorBatchSource):
+    """Remembers how each epoch was asked for."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.calls: list[tuple[bool, int]] = []
+
+    def batches(self, batch_size, *, shuffle, seed=0, epoch=0):
+        self.calls.append((shuffle, epoch))
+        return super().batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+
+
+def test_no_shuffle_reads_storage_order_every_epoch(tmp_path: Path) -> None:
+    source, vectors = _problem()
+    recording = _Recording(source.features, source.labels)
+    cfg = TrainerConfig(steps=10, batch_size=8, shuffle=False, log_every=5)
+    Trainer(_model(), vectors, cfg, checkpoint_dir=tmp_path).fit(recording)
+    assert recording.calls == [(False, 0), (False, 1), (False, 2)]
+
+
+def test_images_without_positives_are_left_out_of_the_step(tmp_path: Path) -> None:
+    source, vectors = _problem()
+    labels = source.labels[:8].clone()
+    labels[:3] = -1  # three images without a positive label
+    cfg = TrainerConfig(skip_images_without_positives=True, optimizer="paper")
+    skipping = Trainer(_model(), vectors, cfg, checkpoint_dir=tmp_path / "a")
+    plain = Trainer(_model(), vectors, TrainerConfig(), checkpoint_dir=tmp_path / "b")
+    terms = skipping.train_step(source.features[:8], labels)
+    expected = plain.train_step(source.features[3:8], labels[3:])
+    torch.testing.assert_close(terms.total, expected.total, rtol=1e-4, atol=1e-5)
+    for mine, theirs in zip(skipping.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=5e-5)  # updates are ~1e-3
+    before = [p.detach().clone() for p in skipping.model.parameters()]
+    assert skipping.train_step(source.features[:3], labels[:3]) is None
+    for value, old in zip(skipping.model.parameters(), before, strict=True):
+        assert torch.equal(value, old)
+
+
+def test_l2_penalty_is_logged_and_minimised(tmp_path: Path) -> None:
+    from lesa_model.config import L2Config, LossConfig
+
+    source, vectors = _problem()
+    loss_cfg = LossConfig(l2=L2Config(label_projection=0.5))
+    cfg = TrainerConfig(steps=4, batch_size=8, log_every=1)
+    result = Trainer(_model(), vectors, cfg, loss_cfg, checkpoint_dir=tmp_path).fit(source)
+    penalties = [record["l2"] for record in result.history]
+    assert penalties[0] > 0 and penalties[-1] < penalties[0]

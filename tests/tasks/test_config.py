@@ -21,6 +21,7 @@ from tasks.config import (
     parse_override,
 )
 from tasks.datasets import EmojiScenesConfig, NusWideConfig, OpenImagesConfig, TableConfig
+from tasks.evaluation import EvaluationConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -61,9 +62,19 @@ def test_paper_configs_use_vgg19_and_the_paper_ks() -> None:
 
 
 def test_sections_left_out_take_their_owners_defaults(tmp_path: Path, tiny_data: dict) -> None:
-    del tiny_data["train"]
+    del tiny_data["train"], tiny_data["evaluation"]
     config = load_config(write_config(tmp_path, tiny_data))
     assert config.train == TrainerConfig()
+    assert config.evaluation == EvaluationConfig()
+
+
+def test_selection_must_use_an_evaluation_k(tmp_path: Path, tiny_data: dict) -> None:
+    """One K setting: validation selects on F1 at one of the K the evaluation reports."""
+    data = apply_overrides(tiny_data, {"train.select": "F1@5", "evaluation.ks": [10, 20]})
+    with pytest.raises(ConfigError, match=r"train.select is F1@5, but evaluation.ks is \[10, 20\]"):
+        load_config(write_config(tmp_path, data))
+    data = apply_overrides(data, {"train.select": "mAP"})
+    assert load_config(write_config(tmp_path, data)).train.select == "mAP"
 
 
 @pytest.mark.parametrize(

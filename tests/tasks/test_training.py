@@ -139,7 +139,7 @@ def synthetic(root: str, *, cache_dir: Path, steps: int = 6, **storage_options: 
                 "batch_size": 8,
                 "val_every": 3,
                 "checkpoint_every": 2,
-                "eval_k": 2,
+                "select": "mAP",
                 "keep_checkpoints": 2,
             },
         },

@@ -229,6 +229,21 @@ def test_prepare_writes_tables_and_is_idempotent(tmp_path: Path, storage: Storag
     assert (storage.read_parquet(artifacts.label_table_url)["split"] == "val").sum() == 2
 
 
+def test_validation_is_the_first_usable_train_images(tmp_path: Path, storage: Storage) -> None:
+    """As in the release: validation is taken after unavailable images are dropped."""
+    root = write_nuswide(tmp_path / "nus")
+    images = tmp_path / "flickr"
+    for path, *_ in IMAGES:
+        target = images / path.replace("\\", "/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"\xff" * (100 if path.startswith("actor") else 5000))
+    config = NusWideConfig(metadata=str(root), images=str(images), num_val=2, name="nus-val")
+    labels = storage.read_parquet(prepare_nuswide(config, storage).label_table_url)
+    by_split = labels.groupby("split")["image_id"].apply(list).to_dict()
+    assert by_split["val"] == ["car/0003_13", "sky/0004_14"]  # actor/0001_11 was too small
+    assert by_split["train"] == ["tree/0006_16"]
+
+
 def test_a_split_emptied_by_rejection_is_named(tmp_path: Path, storage: Storage) -> None:
     root = write_nuswide(tmp_path / "nus")
     images = tmp_path / "flickr"
