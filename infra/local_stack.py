@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -396,14 +396,6 @@ class Stack:
         if self._owns_home():
             self.env_file.unlink(missing_ok=True)
             (self.home / LOCK_FILE).unlink()
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[Stack]:
-        self.start()
-        try:
-            yield self
-        finally:
-            self.stop()
 
 
 def _parser() -> argparse.ArgumentParser:
