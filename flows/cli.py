@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.temporary_api import TemporaryAPIError, start_temporary_api
 from tasks.config import (
     ConfigError,
     PipelineConfig,
@@ -51,13 +52,15 @@ def add_config_arguments(
 def prepare_process() -> None:
     """Process settings for an entry point that may start a temporary local Prefect API.
 
-    SIGTERM becomes a normal exit, so Prefect marks the run and stops that API; the API's
+    SIGTERM and SIGHUP (a closed terminal or SSH session) become a normal exit, so Prefect
+    marks the run Crashed (and its running task) and stops that API; the API's
     usage telemetry is off, since offline it only logs connection errors. Dask's own INFO lines
     (every worker's start-up banner) are held back here and in the workers this process starts,
     so the console shows the pipeline's progress; set ``DASK_LOGGING__DISTRIBUTED=info`` to see
     them.
     """
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(os.environ["DASK_LOGGING__DISTRIBUTED"].upper())
@@ -77,17 +80,23 @@ def checked_config(
     """Process set-up, then the run config with its ``--set`` overrides, validated before any
     work starts. An invalid config, or (with ``check_inputs``) a local input file it names that
     does not exist, prints the error (naming the key) and gives ``None``, for which the entry
-    point exits with status 2."""
+    point exits with status 2. A valid config then starts the temporary Prefect API when no
+    server is configured (``flows.temporary_api``); if it cannot, the process exits with 1."""
     prepare_process()
     overrides = overrides_from(parser, args.overrides)
     try:
         config = load_config(args.config, overrides)
         if check_inputs:
             check_input_files(config, args.config)
-        return overrides, config
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return overrides, None
+    try:
+        start_temporary_api()
+    except TemporaryAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return overrides, config
 
 
 def warn_without_api(consequence: str) -> None:

@@ -9,11 +9,17 @@ from the optional cron schedule, or from the trigger on ``lesa.labels.updated`` 
 ``python -m flows.watch``), which passes the watched config and the change along. With
 ``--watch-every SECONDS`` the label watcher is served too, as ``lesa-watch-labels/poll`` on an
 interval schedule.
+
+Where the runs keep their data and extract features is the run config's ``storage.root`` and
+``features.dask.address``, unless the serving process's environment sets ``LESA_STORAGE_ROOT``
+/ ``DASK_SCHEDULER_ADDRESS`` (``source .lesa-stack/stack.env`` after
+``python -m infra.local_stack``; see ``tasks.settings``); a run's ``overrides`` beat both.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -26,6 +32,7 @@ from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, warn
 from flows.full_pipeline import lesa
 from flows.watch import watch_labels
 from tasks.events import LABELS_UPDATED_EVENT, RESOURCE_PREFIX
+from tasks.settings import environment_overrides
 
 DEPLOYMENT_NAME = "full-pipeline"
 WATCH_DEPLOYMENT_NAME = "poll"
@@ -107,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serving against a temporary local API that nothing else can reach "
         "(start one with: python -m infra.local_stack)"
     )
+    for key, value in environment_overrides().items():
+        print(f"runs use {key} = {value} (from the environment)", file=sys.stderr)
     serve(
         *build_deployments(
             config=args.config,

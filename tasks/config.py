@@ -22,6 +22,7 @@ from tasks.datasets import DatasetConfig
 from tasks.embeddings import GLOVE_FILE_PREFIX, EmbeddingConfig
 from tasks.evaluation import EvaluationConfig
 from tasks.features import FeaturesConfig
+from tasks.settings import environment_overrides
 from tasks.storage import StorageConfig, is_local, local_path
 
 __all__ = [
@@ -165,6 +166,9 @@ def _read_text(source: str | Path) -> str:
 def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
     """Read and validate a YAML run config from a path or URL (``s3://``, ``https://``).
 
+    Values set by the environment (``tasks.settings``: ``LESA_STORAGE_ROOT``,
+    ``DASK_SCHEDULER_ADDRESS``) replace the file's; ``overrides`` replace both.
+
     Raises:
         ConfigError: the file is missing or not YAML, or a key is unknown, missing or
             wrongly typed; the message lists every problem with its key path.
@@ -178,7 +182,7 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {source} must be a YAML mapping, got {type(data).__name__}")
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(apply_overrides(data, environment_overrides()), overrides)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:

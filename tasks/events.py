@@ -14,7 +14,7 @@ training inputs); the event says which case it expects.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import pandas as pd
 from prefect import task
@@ -141,22 +141,28 @@ def diff_versions(dataset: str, before: LabelVersion, after: LabelVersion) -> La
     )
 
 
-def check_labels(
-    config: PipelineConfig, storage: Storage
-) -> tuple[LabelsUpdate | None, LabelVersion | None]:
-    """Compare the labels in storage with the last recorded version.
+class LabelCheck(NamedTuple):
+    """One poll's finding."""
 
-    Returns the update (None when there is nothing new, or on the first poll, which only
-    records a baseline) and the version to record once the update has been published.
-    """
+    update: LabelsUpdate | None
+    """What changed since the recorded version; None when nothing did (or on a baseline)."""
+    version: LabelVersion | None
+    """The version now in storage (record it once the update is published); None while the
+    label table or vocabulary does not exist yet."""
+    baseline: bool
+    """No version was recorded yet: this poll only records one, and emits nothing."""
+
+
+def check_labels(config: PipelineConfig, storage: Storage) -> LabelCheck:
+    """Compare the labels in storage with the last recorded version."""
     now = current_version(config, storage)
     if now is None:
-        return None, None
+        return LabelCheck(None, None, baseline=False)
     url = state_url(storage, config.dataset.name)
     if not storage.exists(url):
-        return None, now
+        return LabelCheck(None, now, baseline=True)
     before = LabelVersion.model_validate(storage.read_json(url))
-    return diff_versions(config.dataset.name, before, now), now
+    return LabelCheck(diff_versions(config.dataset.name, before, now), now, baseline=False)
 
 
 def record_version(config: PipelineConfig, storage: Storage, version: LabelVersion) -> None:
@@ -195,14 +201,12 @@ def emit_labels_updated(
     return None if event is None else str(event.id)
 
 
-check_labels_task = task(
-    name="check-labels", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE
-)(check_labels)
+# No task retries: a failed poll is retried by the watcher's next poll (with backoff, see
+# flows.watch), so an outage costs polls, not a watcher.
+check_labels_task = task(name="check-labels", cache_policy=NO_CACHE)(check_labels)
 
 
-record_version_task = task(
-    name="record-label-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE
-)(record_version)
+record_version_task = task(name="record-label-version", cache_policy=NO_CACHE)(record_version)
 
 
 emit_labels_updated_task = task(name="emit-labels-updated", cache_policy=NO_CACHE)(

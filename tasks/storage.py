@@ -10,7 +10,9 @@ Credentials live in :class:`pydantic.SecretStr` and never appear in ``repr``, lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -24,10 +26,12 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback, TqdmCallback
 from fsspec.core import split_protocol
+from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import ConfigDict, SecretStr
+from pydantic import ConfigDict, Field, SecretStr
 
 from lesa_model.config import StrictModel
 
@@ -38,6 +42,10 @@ _TMP_MARKER = ".tmp-"
 
 class StorageError(ValueError):
     """A storage operation failed verification (size or checksum mismatch)."""
+
+
+class StorageTimeoutError(TimeoutError):
+    """The object store did not answer in time: transient, so the task's retry rule applies."""
 
 
 class StorageConfig(StrictModel):
@@ -58,6 +66,13 @@ class StorageConfig(StrictModel):
     key: SecretStr | None = None
     secret: SecretStr | None = None
     cache_dir: str | None = None
+    connect_timeout: float = Field(10.0, gt=0)
+    """Seconds to wait for a connection to the object store (s3://)."""
+    read_timeout: float = Field(60.0, gt=0)
+    """Seconds to wait for any answer on an open connection; a hung store fails a call after
+    about ``attempts`` x this, with a :class:`StorageTimeoutError` naming the URL."""
+    attempts: int = Field(2, ge=1)
+    """Tries per call (botocore's standard retry mode: timeouts, throttling, 5xx)."""
 
 
 def _env_secret(name: str) -> SecretStr | None:
@@ -84,6 +99,33 @@ def local_path(url: str) -> Path:
     """The filesystem path behind a plain path or ``file://`` URL."""
     _, path = split_protocol(str(url))
     return Path(path)
+
+
+_TIMEOUTS: tuple[type[BaseException], ...] = (
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    FSTimeoutError,
+    TimeoutError,
+)
+
+
+def _named_timeouts(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a client timeout inside ``method`` into a :class:`StorageTimeoutError` that names
+    the URL, the endpoint and the setting to change (botocore's own message names neither)."""
+    signature = inspect.signature(method)
+    name = "url" if "url" in signature.parameters else "prefix"
+
+    @functools.wraps(method)
+    def wrapper(self: Storage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StorageTimeoutError:
+            raise
+        except _TIMEOUTS as exc:
+            url = signature.bind(self, *args, **kwargs).arguments[name]
+            raise StorageTimeoutError(self.timeout_message(url, exc)) from exc
+
+    return wrapper
 
 
 class Storage:
@@ -118,6 +160,19 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage(root={self.root!r})"
 
+    def timeout_message(self, url: str, error: BaseException) -> str:
+        """What a timed-out call on ``url`` says: where, which timeout, what to change."""
+        endpoint = self._endpoint_url or "the default AWS endpoint"
+        if isinstance(error, ConnectTimeoutError):
+            kind, value = "connect_timeout", self.config.connect_timeout
+        else:
+            kind, value = "read_timeout", self.config.read_timeout
+        return (
+            f"{url}: no answer from {endpoint} within {kind} = {value:g} s "
+            f"({self.config.attempts} attempt(s)); is the object store up? "
+            f"(storage.{kind} and storage.attempts set the limits)"
+        )
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_filesystems"] = {}
@@ -137,9 +192,11 @@ class Storage:
         if protocol == "local":
             protocol = "file"
         if protocol not in self._filesystems:
-            self._filesystems[protocol] = fsspec.filesystem(
-                protocol, skip_instance_cache=True, **self._options(protocol)
-            )
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, **self._options(protocol))
+            if protocol in ("s3", "s3a"):
+                # botocore retries, bounded by ``attempts``; s3fs's own loop would multiply them.
+                fs.retries = 1
+            self._filesystems[protocol] = fs
         return self._filesystems[protocol]
 
     def _options(self, protocol: str) -> dict[str, Any]:
@@ -150,7 +207,15 @@ class Storage:
             client_kwargs["endpoint_url"] = self._endpoint_url
         if self._region:
             client_kwargs["region_name"] = self._region
-        options: dict[str, Any] = {"client_kwargs": client_kwargs, "use_listings_cache": False}
+        options: dict[str, Any] = {
+            "client_kwargs": client_kwargs,
+            "use_listings_cache": False,
+            "config_kwargs": {
+                "connect_timeout": self.config.connect_timeout,
+                "read_timeout": self.config.read_timeout,
+                "retries": {"mode": "standard", "total_max_attempts": self.config.attempts},
+            },
+        }
         if self._key and self._secret:
             options["key"] = self._key.get_secret_value()
             options["secret"] = self._secret.get_secret_value()
@@ -171,16 +236,19 @@ class Storage:
 
     # -- queries -------------------------------------------------------------------------------
 
+    @_named_timeouts
     def exists(self, url: str) -> bool:
         """Whether an object (or folder) exists at ``url``."""
         fs, path = self._resolve(url)
         return bool(fs.exists(path))
 
+    @_named_timeouts
     def size(self, url: str) -> int:
         """Size of the object at ``url`` in bytes."""
         fs, path = self._resolve(url)
         return int(fs.size(path))
 
+    @_named_timeouts
     def ls(self, prefix: str, *, recursive: bool = False) -> list[str]:
         """Sorted URLs of the files under ``prefix`` (children only unless ``recursive``).
 
@@ -196,6 +264,7 @@ class Storage:
             found = [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
         return sorted(self._to_url(prefix, p) for p in found if _TMP_MARKER not in p)
 
+    @_named_timeouts
     def sha256(self, url: str) -> str:
         """Hex SHA-256 of the object at ``url``, streamed in chunks."""
         digest = hashlib.sha256()
@@ -206,6 +275,7 @@ class Storage:
 
     # -- raw I/O -------------------------------------------------------------------------------
 
+    @_named_timeouts
     def open(self, url: str, mode: str = "rb") -> IO[Any]:
         """Open ``url`` like :func:`open`. Writing through this handle is *not* atomic."""
         fs, path = self._resolve(url)
@@ -213,15 +283,18 @@ class Storage:
             fs.makedirs(fs._parent(path), exist_ok=True)
         return fs.open(path, mode)
 
+    @_named_timeouts
     def read_bytes(self, url: str) -> bytes:
         """The whole object at ``url``."""
         fs, path = self._resolve(url)
         return fs.cat_file(path)
 
+    @_named_timeouts
     def write_bytes(self, url: str, data: bytes) -> None:
         """Write ``data`` to ``url`` atomically."""
         self._write_atomic(url, lambda local: local.write_bytes(data))
 
+    @_named_timeouts
     def rm(self, url: str, *, recursive: bool = False) -> None:
         """Remove the object (or, with ``recursive``, the folder) at ``url``; missing is fine."""
         fs, path = self._resolve(url)
@@ -230,6 +303,7 @@ class Storage:
 
     # -- tables and documents ------------------------------------------------------------------
 
+    @_named_timeouts
     def read_parquet(self, url: str) -> pd.DataFrame:
         """Read a parquet table; list columns come back as Python lists, not numpy arrays."""
         with self.open(url, "rb") as handle:
@@ -242,14 +316,17 @@ class Storage:
                 )
         return frame
 
+    @_named_timeouts
     def write_parquet(self, url: str, frame: pd.DataFrame) -> None:
         """Write ``frame`` (without its index) as parquet to ``url`` atomically."""
         self._write_atomic(url, lambda local: frame.to_parquet(local, index=False))
 
+    @_named_timeouts
     def read_json(self, url: str) -> Any:
         """Parse the JSON document at ``url``."""
         return json.loads(self.read_bytes(url))
 
+    @_named_timeouts
     def write_json(self, url: str, document: Any) -> None:
         """Write ``document`` as indented JSON to ``url`` atomically."""
         data = json.dumps(document, indent=2, sort_keys=True).encode()
@@ -257,6 +334,7 @@ class Storage:
 
     # -- files ---------------------------------------------------------------------------------
 
+    @_named_timeouts
     def upload_file(self, local_path: str | os.PathLike[str], url: str) -> str:
         """Copy a local file to ``url`` through a verified temporary object; return its sha256.
 
@@ -290,6 +368,7 @@ class Storage:
                 fs.rm(tmp_path)
         return expected_sha
 
+    @_named_timeouts
     def download_file(self, url: str, local_path: str | os.PathLike[str]) -> Path:
         """Copy ``url`` to ``local_path`` atomically (a partial download never has the name)."""
         local_path = Path(local_path)
@@ -304,6 +383,7 @@ class Storage:
             tmp.unlink(missing_ok=True)
         return local_path
 
+    @_named_timeouts
     def local_copy(self, url: str) -> Path:
         """A local file with the content of ``url`` (for libraries such as h5py that need one).
 

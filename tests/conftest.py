@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,6 +10,12 @@ from dataclasses import dataclass
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+
+from tasks.settings import ENVIRONMENT_SETTINGS
+
+# A shell that sourced a local stack's stack.env must not point the tests at that stack.
+for _name in ENVIRONMENT_SETTINGS:
+    os.environ.pop(_name, None)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from flows.watch import backoff_delay, poll_forever
 from tasks.config import PipelineConfig, load_config
 from tasks.events import (
     LabelsUpdate,
@@ -53,7 +54,7 @@ def add(vocabulary: pd.DataFrame, label: str, seen: bool) -> pd.DataFrame:
 
 def poll(config: PipelineConfig, storage: Storage) -> LabelsUpdate | None:
     """One watcher poll: check, then record what was seen (as the watch flow does)."""
-    update, version = check_labels(config, storage)
+    update, version, _ = check_labels(config, storage)
     if version is not None:
         record_version(config, storage, version)
     return update
@@ -61,14 +62,17 @@ def poll(config: PipelineConfig, storage: Storage) -> LabelsUpdate | None:
 
 def test_nothing_to_watch_until_the_tables_exist(tmp_path: Path) -> None:
     config = prepared_config(tmp_path)
-    assert check_labels(config, Storage(config.storage)) == (None, None)
+    assert check_labels(config, Storage(config.storage)) == (None, None, False)
 
 
 def test_first_poll_is_a_baseline_then_only_real_changes_count(tmp_path: Path) -> None:
     config = prepared_config(tmp_path)
     storage = Storage(config.storage)
     write_prepared(storage, VOCABULARY, [["cat"], ["fox"]])
-    assert poll(config, storage) is None
+    first = check_labels(config, storage)
+    assert first.baseline and first.update is None and first.version is not None
+    record_version(config, storage, first.version)
+    assert not check_labels(config, storage).baseline
     assert poll(config, storage) is None
     write_prepared(storage, VOCABULARY, [["cat"], ["fox"]])  # same content rewritten
     assert poll(config, storage) is None
@@ -168,3 +172,42 @@ def test_event_payload_carries_config_and_change(tmp_path: Path) -> None:
     assert payload["update"]["kind"] == "unseen-only"
     assert payload["update"]["added_unseen"] == ["owl"]
     assert "owl" in payload["summary"]
+
+
+@pytest.mark.parametrize(
+    ("failures", "expected"),
+    [(0, 60), (1, 120), (2, 240), (3, 480), (4, 600), (30, 600)],
+)
+def test_backoff_doubles_per_failure_up_to_the_cap(failures: int, expected: float) -> None:
+    assert backoff_delay(60, failures, 600) == expected
+
+
+def test_backoff_never_polls_faster_than_the_interval() -> None:
+    assert backoff_delay(60, 3, max_backoff=10) == 60
+
+
+class Stop(Exception):
+    """Ends poll_forever in a test."""
+
+
+def test_poll_forever_survives_failures_and_resets_after_a_success(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    outcomes = iter([OSError("S3 down"), TimeoutError("hung"), OSError("down"), None, None])
+    waits: list[float] = []
+
+    def poll() -> None:
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 5:
+            raise Stop
+
+    with caplog.at_level("INFO", logger="prefect.lesa.watch"), pytest.raises(Stop):
+        poll_forever(poll, every=5, max_backoff=30, sleep=sleep)
+    assert waits == [10, 20, 30, 5, 5]
+    assert "poll failed (3 in a row): OSError: down; next poll in 30 s" in caplog.text
+    assert "poll succeeded again after 3 failed poll(s)" in caplog.text

@@ -12,10 +12,12 @@ import shlex
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from flows.cli import DEFAULT_CONFIG
-from tasks.config import load_config, parse_override
+from tasks.config import load_config
+from tasks.settings import ENVIRONMENT_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())
@@ -25,11 +27,6 @@ PIPELINE_SERVICES = ("dask-scheduler", "dask-worker", "prefect-worker")
 
 def _command(service: str) -> list[str]:
     return shlex.split(SERVICES[service]["command"])
-
-
-def _overrides(service: str) -> dict[str, object]:
-    words = _command(service)
-    return dict(parse_override(words[i + 1]) for i, word in enumerate(words) if word == "--set")
 
 
 def test_the_stack_has_every_service_the_docs_promise() -> None:
@@ -57,14 +54,19 @@ def test_every_process_running_pipeline_code_uses_the_one_lesa_image() -> None:
     assert (ROOT / builds[0]["dockerfile"]).is_file()
 
 
-def test_the_workers_default_overrides_are_a_valid_run_config() -> None:
-    assert _command("prefect-worker")[:3] == ["python", "-m", "flows.deployments"]
-    config = load_config(DEFAULT_CONFIG, _overrides("prefect-worker"))
+def test_the_pipeline_environment_puts_any_config_on_minio_and_the_dask_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _command("prefect-worker") == ["python", "-m", "flows.deployments"]
+    environment = SERVICES["prefect-worker"]["environment"]
+    for name in ENVIRONMENT_SETTINGS:
+        monkeypatch.setenv(name, environment[name])
+    config = load_config(DEFAULT_CONFIG)
     bucket = re.search(
         r"mc mb --ignore-existing lesa/([\w.-]+)", SERVICES["minio-bucket"]["entrypoint"]
     )
     assert bucket is not None
-    assert config.storage.root.startswith(f"s3://{bucket.group(1)}/")
+    assert config.storage.root == f"s3://{bucket.group(1)}"
     scheduler = _command("dask-scheduler")
     port = scheduler[scheduler.index("--port") + 1]
     assert config.features.dask.address == f"tcp://dask-scheduler:{port}"

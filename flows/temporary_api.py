@@ -1,0 +1,59 @@
+"""The temporary Prefect API an entry point starts when no server is configured.
+
+Without ``PREFECT_API_URL``, Prefect starts a local API server in a subprocess the first time a
+flow needs one and waits ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` (20 s by default)
+for it. On a loaded machine that is too short ("Timed out while attempting to connect to
+ephemeral Prefect API server"), and the run dies before its first stage. The entry points start
+it here instead, before the flow: with a longer wait, one more try after a timeout, and, if it
+still fails, a message that says what to do. Prefect's own start-up then finds the server
+running and uses it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import PREFECT_API_URL
+
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+DEFAULT_STARTUP_TIMEOUT_S = 90
+ATTEMPTS = 2
+
+
+class TemporaryAPIError(RuntimeError):
+    """The temporary Prefect API did not start; the message says how to run without it."""
+
+
+def startup_timeout() -> int:
+    """Seconds to wait for the temporary API: the Prefect setting when the user set it."""
+    value = os.environ.get(STARTUP_TIMEOUT_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_STARTUP_TIMEOUT_S
+
+
+def start_temporary_api(timeout: int | None = None, attempts: int = ATTEMPTS) -> str | None:
+    """Start the temporary API unless a Prefect server is configured; return its URL.
+
+    Raises:
+        TemporaryAPIError: every attempt timed out or the server exited.
+    """
+    if PREFECT_API_URL.value():
+        return None
+    timeout = timeout or startup_timeout()
+    server = SubprocessASGIServer()
+    failure = ""
+    for _ in range(attempts):
+        try:
+            server.start(timeout=timeout)
+            return server.api_url
+        except RuntimeError as exc:
+            failure = str(exc)
+            server.stop()
+    raise TemporaryAPIError(
+        f"the temporary Prefect API did not start ({attempts} tries of {timeout} s each; a "
+        "loaded machine starts it slowly). Either run a Prefect server once and point the "
+        "runs at it (python -m infra.local_stack --services prefect, then "
+        "source .lesa-stack/stack.env; or prefect server start and "
+        "export PREFECT_API_URL=http://127.0.0.1:4200/api), or wait longer with "
+        f"{STARTUP_TIMEOUT_ENV}=300. Last error: {failure[-800:]}"
+    )
