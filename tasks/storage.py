@@ -249,6 +249,25 @@ class Storage:
         return int(fs.size(path))
 
     @_named_timeouts
+    def info(self, url: str) -> dict[str, Any]:
+        """What the filesystem says about the object at ``url`` (size, mtime, ETag, ...)."""
+        fs, path = self._resolve(url)
+        return dict(fs.info(path))
+
+    @_named_timeouts
+    def list_info(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """The files directly under ``prefix`` with their :meth:`info`, by URL, in one listing
+        (one request per thousand objects on S3 instead of one per object)."""
+        fs, path = self._resolve(prefix)
+        if not fs.isdir(path):
+            return {}
+        return {
+            self._to_url(prefix, entry["name"]): dict(entry)
+            for entry in fs.ls(path, detail=True)
+            if entry.get("type") == "file" and _TMP_MARKER not in entry["name"]
+        }
+
+    @_named_timeouts
     def ls(self, prefix: str, *, recursive: bool = False) -> list[str]:
         """Sorted URLs of the files under ``prefix`` (children only unless ``recursive``).
 
