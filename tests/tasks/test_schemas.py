@@ -19,6 +19,7 @@ from tasks.schemas import (
     ObjectBoxes,
     Rejects,
     SchemaError,
+    SourceFile,
     Vocabulary,
     label_matrix,
     validate,
@@ -279,3 +280,29 @@ def test_every_table_round_trips_through_storage(storage: Storage) -> None:
         back = validate(storage.read_parquet(url), model, stage="read")
         for column in frame.columns:
             assert back[column].tolist() == frame[column].tolist(), (model.__name__, column)
+
+
+@pytest.mark.parametrize(
+    ("source", "first", "third"),
+    [
+        (SourceFile("in/labels.csv", header_lines=1), "line 2", "line 4"),
+        (SourceFile("in/lists.txt", header_lines=0), "line 1", "line 3"),
+        ("in/labels.parquet", "row 1", "row 3"),
+    ],
+    ids=["csv-with-header", "text-without-header", "parquet"],
+)
+def test_errors_name_the_file_and_count_rows_from_one(
+    source: SourceFile | str, first: str, third: str
+) -> None:
+    bad = label_table()
+    bad["split"] = ["nope", "train", "nope2"]
+    with pytest.raises(SchemaError) as caught:
+        validate(bad, LabelTable, stage="dataset", source=source)
+    message = str(caught.value)
+    url = source if isinstance(source, str) else source.url
+    assert message.startswith(f"dataset: LabelTable table {url} is invalid:")
+    assert f"{first}: 'nope'" in message and f"{third}: 'nope2'" in message
+    unknown = label_table()
+    unknown.at[2, "positives"] = ["unicorn"]
+    with pytest.raises(SchemaError, match=rf"{url}.*\n.*{third}: 'unicorn'"):
+        validate(unknown, LabelTable, stage="dataset", vocabulary=vocabulary(), source=source)
