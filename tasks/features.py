@@ -7,8 +7,10 @@ run the backbone in batches, write the HDF5 file locally, upload it verified, an
 manifest row. The driver commits rows as shards finish, rewriting the manifest atomically each
 time, so a crash or a killed worker leaves only verified shards listed.
 
-A rerun skips every listed shard whose file still matches its row (size, sha256) and whose image
-ids are still the ones the table puts in that shard, and recomputes the rest. Features never
+A rerun skips every listed shard whose file still matches its row (size, sha256), whose image
+ids are still the ones the table puts in that shard and whose images are still the files it read
+(their stamps, :func:`tasks.versions.stamps`: an image fixed or replaced in place, or one that
+was missing and now exists, recomputes its shard), and recomputes the rest. Features never
 depend on labels: the feature key names everything that changes the features, and nothing else.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -58,6 +61,7 @@ from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from tasks.progress import RunProgress
 from tasks.retries import retrying_task
 from tasks.storage import Storage
+from tasks.versions import digest, stamps
 
 __all__ = [
     "DaskConfig",
@@ -197,6 +201,8 @@ class ShardPlan:
     image_ids: tuple[str, ...]
     uris: tuple[str, ...]
     shard_uri: str
+    images_sha256: str = ""
+    """Digest of the images' stamps when planned (see :func:`with_image_versions`)."""
 
     @property
     def ids_sha256(self) -> str:
@@ -233,6 +239,19 @@ def plan_shards(
             shard_uri=f"{out_prefix.rstrip('/')}/{shard_name(number)}",
         )
         for number, start in enumerate(range(0, len(ids), shard_size))
+    ]
+
+
+def with_image_versions(plans: list[ShardPlan], storage: Storage) -> list[ShardPlan]:
+    """``plans`` with each shard's ``images_sha256``: the digest of its images' stamps, taken
+    before extraction reads them (so a file rewritten meanwhile shows as changed next time)."""
+    uris = [uri for plan in plans for uri in plan.uris]
+    found = iter(stamps(storage, uris))
+    return [
+        dataclasses.replace(
+            plan, images_sha256=digest(f"{uri}\t{next(found)}" for uri in plan.uris)
+        )
+        for plan in plans
     ]
 
 
@@ -439,6 +458,7 @@ def extract_shard(
         "sha256": sha256,
         "size_bytes": size,
         "ids_sha256": plan.ids_sha256,
+        "images_sha256": plan.images_sha256,
     }
     return ShardResult(manifest_row=row, rejects=rejects)
 
@@ -542,11 +562,12 @@ def _shard_is_valid(
     expected = {
         "shard_uri": plan.shard_uri,
         "ids_sha256": plan.ids_sha256,
+        "images_sha256": plan.images_sha256,
         "backbone": config.backbone,
         "preprocessing": config.preprocessing_id,
         "dtype": config.dtype,
     }
-    if any(str(row[column]) != value for column, value in expected.items()):
+    if any(str(row.get(column)) != value for column, value in expected.items()):
         return False
     if not storage.exists(plan.shard_uri) or storage.size(plan.shard_uri) != row["size_bytes"]:
         return False
@@ -650,6 +671,7 @@ def extract_features(
     manifest_url = f"{out_prefix}/{MANIFEST_NAME}"
     rejects_url = f"{out_prefix}/{REJECTS_NAME}"
     plans = plan_shards(table, images_prefix, config.shard_size, out_prefix)
+    plans = with_image_versions(plans, storage)
     rows = _committed_shards(storage, manifest_url, plans, config)
     rejects = _committed_rejects(storage, rejects_url, plans, set(rows))
     committer = _Committer(storage, manifest_url, rejects_url, rows, rejects)

@@ -197,6 +197,9 @@ class FeatureManifest(pa.DataFrameModel):
     sha256: Series[str] = pa.Field(str_matches=_SHA256_PATTERN)
     size_bytes: Series[int] = pa.Field(gt=0, coerce=True)
     ids_sha256: Series[str] = pa.Field(str_matches=_SHA256_PATTERN)
+    images_sha256: Series[str] | None = pa.Field(str_matches=_SHA256_PATTERN)
+    """Digest of the shard's images' stamps (missing in manifests written before it existed:
+    such shards are recomputed)."""
 
 
 class Rejects(pa.DataFrameModel):

@@ -6,8 +6,9 @@ and a restarted run downloads the latest ones first and resumes from them. For a
 storage root the trainer writes straight into the storage folder.
 
 A run is recognised by its *training key*: a hash of everything that changes the trained
-weights (model, loss and trainer sections, feature key, seen labels and their vectors, the
-train/val images and their seen-label annotations). A finished run with the same key is reused
+weights (model, loss and trainer sections, feature key and the stored bytes of the shards
+trained on, seen labels and their vectors, the train/val images and their seen-label
+annotations). A finished run with the same key is reused
 as it is. Unseen labels are not part of the key, so adding unseen labels to the vocabulary
 reuses the trained model, and evaluation scores them zero-shot.
 """
@@ -206,11 +207,16 @@ def training_key(
     train: FeatureBatches,
     val: FeatureBatches | None,
 ) -> str:
-    """Hash of everything that changes the trained weights (unseen labels do not)."""
+    """Hash of everything that changes the trained weights (unseen labels do not), including
+    the stored bytes of every feature shard the train and val images are read from, so features
+    recomputed for an image fixed or replaced in place retrain."""
     split_digests = [
         _digest(source.image_ids, source.labels) if source is not None else None
         for source in (train, val)
     ]
+    store = train.store
+    used = store.index.loc[[*train.image_ids, *(val.image_ids if val else [])], "shard"]
+    shards = store.manifest.set_index("shard_index").loc[sorted(set(used)), "sha256"]
     return stable_hash(
         model_config,
         config.loss,
@@ -220,6 +226,7 @@ def training_key(
         list(seen),
         _digest(np.round(vectors.astype(np.float64), 6)),
         split_digests,
+        shards.tolist(),
     )
 
 

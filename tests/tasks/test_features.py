@@ -387,6 +387,46 @@ def test_changed_shard_bytes_or_reassigned_ids_are_recomputed(
     assert list(store.image_ids) == ["img-000", "img-001", "img-003", "img-002"]
 
 
+def test_an_image_fixed_or_replaced_in_place_recomputes_its_shard(
+    cluster: ClusterInfo, local_storage: Storage
+) -> None:
+    table = write_images(local_storage, 4)
+
+    def image(name: str) -> str:
+        return local_storage.url("images", f"{name}.png")
+
+    local_storage.write_bytes(image("img-001"), b"this is not an image")
+    config = small_config(cluster.address)
+    out = local_storage.url("features", "fixed")
+    first = extract_features(table, local_storage.url("images"), config, local_storage, out)
+    rejects = local_storage.read_parquet(first.rejects_url)
+    assert rejects[["image_id", "reason"]].values.tolist() == [["img-001", "corrupt"]]
+    files = _shard_files(local_storage, out)
+    kept = files[shard_name(1)].stat().st_mtime_ns
+
+    fixed = png_bytes(11, (44, 30))
+    local_storage.write_bytes(image("img-001"), fixed)
+    second = extract_features(table, local_storage.url("images"), config, local_storage, out)
+    assert local_storage.read_parquet(second.rejects_url).empty
+    assert second.num_images == 4
+    backbone = load_backbone("vgg19", weights="none", image_size=32)
+    store = FeatureStore(second.manifest_url, local_storage)
+    np.testing.assert_allclose(
+        store.read(["img-001"])[0], reference_features(backbone, fixed), rtol=1e-4, atol=1e-5
+    )
+    assert files[shard_name(1)].stat().st_mtime_ns == kept, "the other shard is reused"
+
+    kept = files[shard_name(0)].stat().st_mtime_ns
+    other = png_bytes(12, (43, 30))  # an accepted image replaced by another picture
+    local_storage.write_bytes(image("img-002"), other)
+    third = extract_features(table, local_storage.url("images"), config, local_storage, out)
+    store = FeatureStore(third.manifest_url, local_storage)
+    np.testing.assert_allclose(
+        store.read(["img-002"])[0], reference_features(backbone, other), rtol=1e-4, atol=1e-5
+    )
+    assert files[shard_name(0)].stat().st_mtime_ns == kept
+
+
 def test_bad_images_become_rejects_and_their_shard_completes(
     cluster: ClusterInfo, local_storage: Storage
 ) -> None:

@@ -17,7 +17,7 @@ from tasks import schemas
 from tasks.config import PipelineConfig, load_config
 from tasks.datasets import DatasetArtifacts
 from tasks.embeddings import EmbeddingResult
-from tasks.feature_reader import FEATURES_DATASET, IMAGE_IDS_DATASET, ids_sha256
+from tasks.feature_reader import FEATURES_DATASET, IMAGE_IDS_DATASET, FeatureStore, ids_sha256
 from tasks.features import FeatureSet, feature_key
 from tasks.prediction import checkpoint_features
 from tasks.storage import Storage, StorageConfig
@@ -256,6 +256,28 @@ def test_a_new_seen_label_retrains_from_scratch(local: Synthetic) -> None:
     assert not second.reused
     assert second.training_key != first.training_key
     assert "bus" in load_model(second.checkpoints["final"])[1]["seen_labels"]
+
+
+def _with_features_changed(inputs: Synthetic, image_id: str) -> Synthetic:
+    """The same feature set with one image's features recomputed to other values."""
+    store = FeatureStore(inputs.features.manifest_url, inputs.storage)
+    ids = list(store.image_ids)
+    values = store.read(ids)
+    values[ids.index(image_id)] += 1.0
+    prefix = inputs.features.manifest_url.rsplit("/", 1)[0]
+    features = write_feature_set(inputs.storage, prefix, ids, values, shard_size=16)
+    return Synthetic(inputs.config, inputs.storage, inputs.tables, features, inputs.embeddings)
+
+
+def test_recomputed_features_of_a_training_image_retrain(local: Synthetic) -> None:
+    """Features recomputed for an image fixed or replaced in place are a new training input;
+    a shard holding only test images is not."""
+    first = train(local)
+    test_only = _with_features_changed(local, "img-040")
+    assert train(test_only).reused
+    second = train(_with_features_changed(test_only, "img-003"))
+    assert not second.reused
+    assert second.training_key != first.training_key
 
 
 def test_a_different_trainer_setting_changes_the_key(tmp_path: Path) -> None:
