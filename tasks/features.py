@@ -59,7 +59,7 @@ from tasks.feature_reader import (
 )
 from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from tasks.progress import RunProgress
-from tasks.retries import retrying_task
+from tasks.retries import is_transient, retrying_task
 from tasks.storage import Storage
 from tasks.versions import digest, stamps
 
@@ -90,7 +90,11 @@ IO_THREADS = 4
 
 
 class ExtractionError(RuntimeError):
-    """Some shards failed; the others are committed and a rerun retries only the failed ones."""
+    """Some shards failed; the others are committed and a rerun retries only the failed ones.
+
+    ``transient`` says whether every failure was transient (then the task retries)."""
+
+    transient = False
 
 
 class DaskConfig(StrictModel):
@@ -715,6 +719,7 @@ def _run_shards(
     """Run ``todo`` as Dask tasks, committing each finished shard at once; progress counts every
     one of the feature set's ``total`` shards, those reused from earlier runs included."""
     failures: list[str] = []
+    errors: list[BaseException] = []
     with dask_client(config.dask) as client:
         link = _dashboard_link(client, config.dask)
         if link:
@@ -735,6 +740,7 @@ def _run_shards(
             try:
                 committer.commit(future.result())
             except Exception as error:  # one shard's failure must not lose the others
+                errors.append(error)
                 failures.append(
                     f"shard {plan.index} ({plan.shard_uri}): {type(error).__name__}: {error}"
                 )
@@ -744,10 +750,12 @@ def _run_shards(
             on_run(finished, total)
         progress.close()
     if failures:
-        raise ExtractionError(
+        failed = ExtractionError(
             f"{len(failures)} of {len(todo)} shards failed (the rest are committed; rerun to "
             "retry):\n" + "\n".join(failures)
         )
+        failed.transient = all(is_transient(error) for error in errors)
+        raise failed
 
 
 extract_features_task = retrying_task("extract-features", retries=1)(extract_features)
