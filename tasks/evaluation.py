@@ -54,6 +54,21 @@ class EvaluationConfig(StrictModel):
     seed: int = 0
     pointing_pairs: int = Field(default=5000, ge=0)
 
+    def check_ks(self, num_unseen: int, dataset: str) -> None:
+        """Fail unless every K can be scored: ZSL ranks only the unseen labels, so K must not
+        exceed their number (never clamped silently; checked as soon as the dataset is known).
+
+        Raises:
+            ValueError: naming the setting, the dataset's unseen-label count and the fix.
+        """
+        too_large = [k for k in self.ks if k > num_unseen]
+        if too_large:
+            raise ValueError(
+                f"evaluation.ks = {self.ks}: ZSL ranks only the {num_unseen} unseen labels of "
+                f"dataset {dataset}, so top-K needs K <= {num_unseen} ({too_large} too large); "
+                f"set evaluation.ks, e.g. --set 'evaluation.ks=[{num_unseen}]'"
+            )
+
 
 class EvaluationResult(BaseModel):
     """Metrics of every method (fractions in [0, 1]) and where the report files are."""
@@ -210,6 +225,7 @@ def evaluate_checkpoint(
     unseen = embedded(tables.unseen_labels, embeddings)
     if not unseen:
         raise ValueError("no unseen label has a word vector: zero-shot cannot be evaluated")
+    config.check_ks(len(unseen), tables.name)
     names = seen + unseen
     vectors = embeddings.vectors(names)
     store = FeatureStore(features.manifest_url, storage)
@@ -222,15 +238,14 @@ def evaluate_checkpoint(
 
     model = _load_checkpoint(storage, checkpoint_url, expected_metadata)
     scores = score(model, test, vectors, batch_size=config.batch_size)
-    ks = [k for k in config.ks if k <= len(unseen)] or [min([*config.ks, len(unseen)])]
-    metrics = evaluate_zero_shot(scores, test.labels, seen_columns, unseen_columns, ks)
+    metrics = evaluate_zero_shot(scores, test.labels, seen_columns, unseen_columns, config.ks)
     baselines = _baseline_metrics(
         config,
         storage,
         test=test,
         vectors=vectors,
         columns=(seen_columns, unseen_columns),
-        ks=ks,
+        ks=config.ks,
         checkpoints=baseline_checkpoints or {},
         expected=expected_metadata,
     )

@@ -36,6 +36,7 @@ from lesa_model.model import LESA
 from lesa_model.trainer import Trainer
 from tasks import schemas
 from tasks.datasets import DatasetArtifacts
+from tasks.datasets.base import check_usable
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FEATURE_IDENTITY, FeatureSet, feature_key
@@ -84,25 +85,24 @@ def load_tables(storage: Storage, dataset: DatasetArtifacts) -> DatasetTables:
     """Read and validate the label table, vocabulary and boxes of a prepared dataset.
 
     This is the stage boundary before features and training: a table that does not match its
-    schema stops the run here, naming the column, rule and example rows.
+    schema, or a dataset a run cannot use (no seen or unseen labels, no train or test images),
+    stops the run here, naming the file, column, rule and example rows.
     """
-    vocabulary = schemas.validate(
-        storage.read_parquet(dataset.vocabulary_url), schemas.Vocabulary, stage="label table"
+    vocabulary = schemas.read_validated(
+        storage, dataset.vocabulary_url, schemas.Vocabulary, stage="label table"
     )
-    labels = schemas.validate(
-        storage.read_parquet(dataset.label_table_url),
+    labels = schemas.read_validated(
+        storage,
+        dataset.label_table_url,
         schemas.LabelTable,
         stage="label table",
         vocabulary=vocabulary,
     )
-    if not vocabulary["seen"].any():
-        raise ValueError(f"dataset {dataset.name}: the vocabulary has no seen labels to train on")
-    if not (labels["split"] == "train").any():
-        raise ValueError(f"dataset {dataset.name}: the label table has no train images")
+    check_usable(dataset.name, labels, vocabulary)
     boxes = None
     if dataset.boxes_url is not None:
-        boxes = schemas.validate(
-            storage.read_parquet(dataset.boxes_url), schemas.ObjectBoxes, stage="label table"
+        boxes = schemas.read_validated(
+            storage, dataset.boxes_url, schemas.ObjectBoxes, stage="label table"
         )
     return DatasetTables(
         name=dataset.name,

@@ -86,6 +86,46 @@ def config_fingerprint(config: BaseModel, inputs: Mapping[str, str] | None = Non
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def check_usable(name: str, labels: pd.DataFrame, vocabulary: pd.DataFrame) -> None:
+    """What a pipeline run needs of a dataset, checked as soon as its tables are validated
+    (before any feature is extracted): seen labels and train images to train on, unseen labels
+    and test images to evaluate zero-shot on.
+
+    Unseen labels listed on train or validation images are accepted (the data may well say so)
+    but never trained on: that is logged as a warning with the count, not silently ignored.
+
+    Raises:
+        DatasetError: naming the dataset and what it lacks.
+    """
+    seen = vocabulary["seen"].astype(bool)
+    splits = set(labels["split"])
+    missing = [
+        what
+        for what, ok in (
+            ("seen labels to train on", seen.any()),
+            ("unseen labels to evaluate zero-shot", (~seen).any()),
+            ("train images", "train" in splits),
+            ("test images", "test" in splits),
+        )
+        if not ok
+    ]
+    if missing:
+        raise DatasetError(f"dataset {name} has no {' and no '.join(missing)}")
+    unseen = set(vocabulary.loc[~seen, "label"])
+    training = labels[labels["split"] != "test"]
+    listed = pd.concat([training["positives"].explode(), training["negatives"].explode()])
+    listed = listed[listed.isin(unseen)]
+    if len(listed):
+        logger.warning(
+            "dataset %s: %d train/val image(s) list unseen labels (%d annotations, e.g. %s); "
+            "unseen labels are never trained on, so these annotations are ignored",
+            name,
+            listed.index.nunique(),
+            len(listed),
+            sorted(set(listed))[:5],
+        )
+
+
 def join_url(prefix: str, *parts: str) -> str:
     """Join URL/path segments with single slashes (works for local paths and ``s3://``)."""
     pieces = [prefix.rstrip("/")] + [part.strip("/") for part in parts if part]

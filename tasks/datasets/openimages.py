@@ -196,6 +196,16 @@ def _split_table(
     allowed = vocabulary if split == "test" else vocabulary[vocabulary["seen"]]
     label_of = allowed.set_index("mid")["label"]
     kept = rows[rows["LabelName"].isin(label_of.index)]
+    unseen = rows[rows["LabelName"].isin(vocabulary.loc[~vocabulary["seen"], "mid"])]
+    if split != "test" and len(unseen):
+        logger.warning(
+            "open-images %s: %d annotation(s) of unseen classes on %d image(s) ignored (unseen "
+            "labels are never trained on), e.g. %s",
+            split,
+            len(unseen),
+            unseen["ImageID"].nunique(),
+            sorted(set(unseen["LabelName"]))[:5],
+        )
     kept = kept.assign(label=kept["LabelName"].map(label_of))
     images = pd.Index(sorted(kept["ImageID"].unique()), name="ImageID")
     dropped = rows["ImageID"].nunique() - len(images)

@@ -113,3 +113,30 @@ def test_printed_table_holds_every_number() -> None:
     for cell in ("12.34", "50.00", "25.00", "33.33", "5.00", "1.00"):
         assert cell in text
     assert "GZSL" in text
+
+
+def test_too_large_k_fails_after_the_label_table_before_extraction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evaluation.ks: [10, 20]` with 3 unseen labels was silently replaced by [3]."""
+    data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    data["storage"] = {"root": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")}
+    (tmp_path / "labels.csv").write_text(
+        "uri,split,positives\na.jpg,train,cat\nb.jpg,test,owl|cat\nc.jpg,test,emu\n"
+    )
+    (tmp_path / "vocabulary.csv").write_text(
+        "label,seen\ncat,true\ndog,true\nowl,false\nemu,false\nyak,false\n"
+    )
+    data["dataset"] = {
+        "source": "table",
+        "labels": str(tmp_path / "labels.csv"),
+        "vocabulary": str(tmp_path / "vocabulary.csv"),
+    }
+    data["evaluation"]["ks"] = [10, 20]
+    path = tmp_path / "table.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert full_pipeline_main(["--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "evaluation.ks = [10, 20]" in err and "the 3 unseen labels" in err
+    assert (tmp_path / "store" / "datasets").exists()
+    assert not (tmp_path / "store" / "features").exists(), "no feature was extracted"

@@ -157,6 +157,16 @@ def test_a_checkpoint_from_other_features_is_refused(trained: tuple[Synthetic, s
         evaluate(inputs, checkpoint + ".missing")
 
 
+def test_a_k_above_the_unseen_label_count_is_an_error_not_clamped(
+    trained: tuple[Synthetic, str],
+) -> None:
+    inputs, checkpoint = trained
+    with pytest.raises(ValueError, match=r"evaluation.ks = \[2, 5\]: .* the 2 unseen labels"):
+        evaluate(inputs, checkpoint, config=EvaluationConfig(ks=[2, 5], baselines=[]))
+    result = evaluate(inputs, checkpoint, config=EvaluationConfig(ks=[1, 2], baselines=[]))
+    assert {"F1@1", "F1@2"} <= set(result.metrics["LESA"]["zsl"])
+
+
 def test_no_unseen_label_is_a_clear_error(trained: tuple[Synthetic, str]) -> None:
     inputs, checkpoint = trained
     vocabulary = inputs.tables.vocabulary.assign(seen=True)

@@ -76,9 +76,15 @@ def storage(tmp_path: Path) -> Storage:
 
 
 @pytest.mark.parametrize("header", [False, True])
-def test_parses_to_expected_annotations(tmp_path: Path, storage: Storage, header: bool) -> None:
+def test_parses_to_expected_annotations(
+    tmp_path: Path, storage: Storage, header: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     root = write_openimages(tmp_path / "oi", header=header)
-    artifacts = prepare_openimages(config_for(root), storage)
+    with caplog.at_level("WARNING"):
+        artifacts = prepare_openimages(config_for(root), storage)
+    assert "open-images train: 1 annotation(s) of unseen classes on 1 image(s) ignored" in (
+        caplog.text
+    )
     labels = storage.read_parquet(artifacts.label_table_url)
     vocabulary = storage.read_parquet(artifacts.vocabulary_url)
 
