@@ -83,6 +83,8 @@ class EvaluationResult(BaseModel):
     seen_labels: list[str]
     unseen_labels: list[str]
     pointing: dict[str, float | int] | None = None
+    rejects: reports.RejectSummary | None = None
+    """The images extraction could not use, by reason."""
 
     def describe(self) -> list[str]:
         """Human-readable lines for the run summary."""
@@ -99,6 +101,8 @@ class EvaluationResult(BaseModel):
                     f"{name} baseline: ZSL mAP {100 * values['zsl']['mAP']:.2f}%, "
                     f"GZSL mAP {100 * values['gzsl']['mAP']:.2f}%"
                 )
+        if self.rejects is not None:
+            lines.append(self.rejects.describe())
         if self.pointing:
             lines.append(
                 f"Pointing game: {100 * self.pointing['hit_rate']:.1f}% of "
@@ -263,6 +267,7 @@ def evaluate_checkpoint(
         max_pairs=config.pointing_pairs,
         seed=config.seed,
     )
+    rejects = reports.reject_summary(storage, features.rejects_url)
     artifacts = reports.write_report(
         metrics,
         label_ap=label_ap,
@@ -271,18 +276,20 @@ def evaluate_checkpoint(
         prefix=report_prefix,
         baselines=baselines,
         pointing=pointing,
+        rejects=rejects,
     )
     return EvaluationResult(
         checkpoint_url=checkpoint_url,
         metrics={reports.LESA_METHOD: metrics, **baselines},
         report_urls=artifacts.urls(),
         report_markdown=reports.report_markdown(
-            metrics, baselines=baselines, label_ap=label_ap, pointing=pointing
+            metrics, baselines=baselines, label_ap=label_ap, pointing=pointing, rejects=rejects
         ),
         num_images=test.num_images,
         seen_labels=seen,
         unseen_labels=unseen,
         pointing=None if pointing is None else reports.pointing_summary(pointing),
+        rejects=rejects,
     )
 
 

@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -685,6 +686,7 @@ def extract_features(
         _preflight(config, storage)
         log.info("extracting %d of %d shards into %s", len(todo), len(plans), out_prefix)
         _run_shards(todo, len(plans), config, storage, committer)
+    _log_rejects(committer.rejects)
     grid = config.grid
     return FeatureSet(
         manifest_url=manifest_url,
@@ -694,6 +696,17 @@ def extract_features(
         grid=grid,
         num_images=sum(int(row["num_images"]) for row in committer.rows.values()),
     )
+
+
+def _log_rejects(rejects: dict[int, list[dict[str, str]]]) -> None:
+    """Say on the console (and the run's log) how many images have no features, and why."""
+    reasons = Counter(row["reason"] for rows in rejects.values() for row in rows)
+    if reasons:
+        log.warning(
+            "%d image(s) rejected, left out of training and evaluation: %s",
+            sum(reasons.values()),
+            ", ".join(f"{reason} {count}" for reason, count in reasons.most_common()),
+        )
 
 
 def _preflight(config: FeaturesConfig, storage: Storage) -> None:

@@ -131,6 +131,39 @@ def test_report_files_and_summary(trained: tuple[Synthetic, str]) -> None:
     assert any("LESA ZSL mAP" in line for line in result.describe())
 
 
+def test_rejected_images_are_counted_by_reason_in_summary_and_report(
+    trained: tuple[Synthetic, str],
+) -> None:
+    """Feature-stage rejects appeared only in rejects.parquet before."""
+    inputs, checkpoint = trained
+    storage = inputs.storage
+    reasons = ["corrupt", "missing", "corrupt", "too-large"]
+    rejects = pd.DataFrame(
+        {
+            "image_id": [f"gone-{i}" for i in range(4)],
+            "uri": [f"gone-{i}.jpg" for i in range(4)],
+            "stage": "features",
+            "reason": reasons,
+        }
+    )
+    storage.write_parquet(inputs.features.rejects_url, rejects)
+    try:
+        result = evaluate(inputs, checkpoint)
+    finally:
+        storage.rm(inputs.features.rejects_url)
+    counts = "4 (corrupt 2, missing 1, too-large 1)"
+    assert f"Rejected images: {counts}, listed in `{inputs.features.rejects_url}`" in (
+        result.describe()
+    )
+    report = storage.read_bytes(result.report_urls["report.md"]).decode()
+    for text in (result.report_markdown, report):
+        assert "## Rejected images" in text
+        assert "| corrupt | 2 |" in text and "| missing | 1 |" in text
+    written = storage.read_json(result.report_urls["metrics.json"])["rejected_images"]
+    assert written["reasons"] == {"corrupt": 2, "missing": 1, "too-large": 1}
+    assert "Rejected images: none" in evaluate(inputs, checkpoint).describe()
+
+
 def test_mean_pool_baseline_is_scored_from_its_checkpoint(trained: tuple[Synthetic, str]) -> None:
     inputs, checkpoint = trained
     baseline = train(

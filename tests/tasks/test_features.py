@@ -388,7 +388,7 @@ def test_changed_shard_bytes_or_reassigned_ids_are_recomputed(
 
 
 def test_an_image_fixed_or_replaced_in_place_recomputes_its_shard(
-    cluster: ClusterInfo, local_storage: Storage
+    cluster: ClusterInfo, local_storage: Storage, caplog: pytest.LogCaptureFixture
 ) -> None:
     table = write_images(local_storage, 4)
 
@@ -398,7 +398,9 @@ def test_an_image_fixed_or_replaced_in_place_recomputes_its_shard(
     local_storage.write_bytes(image("img-001"), b"this is not an image")
     config = small_config(cluster.address)
     out = local_storage.url("features", "fixed")
-    first = extract_features(table, local_storage.url("images"), config, local_storage, out)
+    with caplog.at_level("WARNING"):
+        first = extract_features(table, local_storage.url("images"), config, local_storage, out)
+    assert "1 image(s) rejected, left out of training and evaluation: corrupt 1" in caplog.text
     rejects = local_storage.read_parquet(first.rejects_url)
     assert rejects[["image_id", "reason"]].values.tolist() == [["img-001", "corrupt"]]
     files = _shard_files(local_storage, out)
