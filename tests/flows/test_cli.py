@@ -140,3 +140,18 @@ def test_too_large_k_fails_after_the_label_table_before_extraction(
     assert "evaluation.ks = [10, 20]" in err and "the 3 unseen labels" in err
     assert (tmp_path / "store" / "datasets").exists()
     assert not (tmp_path / "store" / "features").exists(), "no feature was extracted"
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_a_secret_given_with_set_is_refused_before_any_work(
+    module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "wJalrXUtnFEMI-not-a-real-key"
+    args = ["--config", str(CONFIGS / "tiny.yaml"), "--set", f"storage.root={tmp_path / 's'}"]
+    code = importlib.import_module(module).main([*args, "--set", f"storage.secret={secret}"])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "override: storage.secret: secrets are not accepted" in captured.err
+    assert "storage.credentials_block" in captured.err
+    assert secret not in captured.out + captured.err
+    assert not (tmp_path / "s").exists()
