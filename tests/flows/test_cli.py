@@ -133,6 +133,7 @@ def test_too_large_k_fails_after_the_label_table_before_extraction(
         "vocabulary": str(tmp_path / "vocabulary.csv"),
     }
     data["evaluation"]["ks"] = [10, 20]
+    data["train"]["select"] = "mAP"
     path = tmp_path / "table.yaml"
     path.write_text(yaml.safe_dump(data))
     assert full_pipeline_main(["--config", str(path)]) == 1

