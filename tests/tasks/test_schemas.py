@@ -83,6 +83,7 @@ def feature_manifest() -> pd.DataFrame:
             "sha256": [SHA, SHA],
             "size_bytes": [12345, 999],
             "ids_sha256": [SHA, SHA],
+            "images_sha256": [SHA, SHA],
         }
     )
 
@@ -306,3 +307,9 @@ def test_errors_name_the_file_and_count_rows_from_one(
     unknown.at[2, "positives"] = ["unicorn"]
     with pytest.raises(SchemaError, match=rf"{url}.*\n.*{third}: 'unicorn'"):
         validate(unknown, LabelTable, stage="dataset", vocabulary=vocabulary(), source=source)
+
+
+def test_a_manifest_written_before_images_sha256_existed_still_validates() -> None:
+    """Older manifests lack the column; their shards are recomputed, not refused."""
+    old = GOOD[FeatureManifest]().drop(columns="images_sha256")
+    assert "images_sha256" not in validate(old, FeatureManifest, stage="t").columns
