@@ -189,8 +189,9 @@ def content_sha256(
     *,
     description: str | None = None,
 ) -> list[str | None]:
-    """SHA-256 of each object (``None`` where it is missing), read only when the hash cache
-    has no entry for its current stamp; ``description`` shows a progress bar while hashing."""
+    """SHA-256 of each object (``None`` where it is missing or unreadable), read only when the
+    hash cache has no entry for its current stamp; ``description`` shows a progress bar while
+    hashing."""
     object_stamps = list(object_stamps) if object_stamps is not None else stamps(storage, urls)
     keys = [(url, st) for url, st in zip(urls, object_stamps, strict=True) if st != ABSENT]
     cache = hash_cache(storage)
@@ -200,7 +201,7 @@ def content_sha256(
     def compute(key: tuple[str, str]) -> tuple[tuple[str, str], str | None]:
         try:
             return key, _sha256(storage, key[0])
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile, a folder, or not readable: no content to hash
             return key, None
 
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:

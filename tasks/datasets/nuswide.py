@@ -535,7 +535,8 @@ def check_images(
 ) -> pd.DataFrame:
     """The authors' release rules, in its order, for every image whether local or downloaded:
     a missing file is ``missing``, bytes identical to a known placeholder are ``placeholder``
-    (whatever their size), and a file of <= 4000 bytes is ``too-small-file``.
+    (whatever their size), and a file of <= 4000 bytes is ``too-small-file`` (a file whose bytes
+    cannot be read for the placeholder check is ``unreadable``).
 
     ``urls`` and ``object_stamps`` are the images of ``labels``' rows; a placeholder check reads
     each image once per version (its hash is cached by stamp, see :mod:`tasks.versions`).
@@ -550,6 +551,8 @@ def check_images(
     def reason(object_stamp: str, sha256: str | None) -> str:
         if object_stamp == ABSENT:
             return "missing"
+        if placeholders and sha256 is None:
+            return "unreadable"
         if sha256 in placeholders:
             return PLACEHOLDER_REASON
         size = stamp_size(object_stamp)

@@ -536,12 +536,14 @@ def test_every_local_image_gets_the_release_rules_in_its_order(
             "beach\\0002_12.jpg": large_placeholder,
             "sky\\0004_14.jpg": b"s" * 3000,
             "dog\\0005_15.jpg": None,
+            "tree\\0006_16.jpg": None,
         },
     )
+    (images / "tree/0006_16.jpg").mkdir(parents=True)  # a folder where the photo should be
     config = NusWideConfig(
         metadata=str(write_nuswide(tmp_path / "nus")),
         images=str(images),
-        num_val=1,
+        num_val=0,
         placeholder_sha256=[sha256_hex(small_placeholder), sha256_hex(large_placeholder)],
     )
     assert _rejects(storage, config) == {
@@ -549,6 +551,7 @@ def test_every_local_image_gets_the_release_rules_in_its_order(
         "beach/0002_12": "placeholder",
         "sky/0004_14": "too-small-file",
         "dog/0005_15": "missing",
+        "tree/0006_16": "unreadable",
     }
 
 
@@ -663,7 +666,7 @@ def test_a_downloaded_image_already_there_gets_the_placeholder_check(
         config = NusWideConfig(
             name="nus-dl",
             metadata=str(root),
-            num_val=1,
+            num_val=0,
             download=DownloadConfig(workers=2, retries=0, timeout_s=5),
         )
         assert "actor/0001_11" not in _rejects(storage, config)
