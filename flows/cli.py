@@ -26,7 +26,9 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "defau
 CONFIG_HELP = "YAML run config: a path, file:// or s3:// URL (default: configs/default.yaml)"
 SET_HELP = (
     "override one config value, e.g. --set train.steps=200 --set "
-    "storage.root=s3://bucket/lesa (repeatable; VALUE is read as YAML)"
+    "storage.root=s3://bucket/lesa (repeatable; VALUE is read as YAML). Never a secret: S3 "
+    "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment, or "
+    "from a Prefect Secret block named by --set storage.credentials_block=NAME"
 )
 
 

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from flows.artifacts import print_run, publish_run_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
 from flows.full_pipeline import prepare_inputs
-from tasks.config import check_input_files, load_config
+from tasks.config import Overrides, check_input_files, load_config
 from tasks.evaluation import evaluate_checkpoint_task, expected_metadata, report_prefix
 from tasks.storage import Storage
 from tasks.training import checkpoint_url
@@ -32,7 +32,7 @@ CHECKPOINT_CHOICES = ("best", "final")
 @flow(name="lesa-evaluate", log_prints=True)
 def evaluate(
     config: str = DEFAULT_CONFIG,
-    overrides: dict[str, Any] | None = None,
+    overrides: Overrides = None,
     checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Score one checkpoint on the config's test split and write its report.

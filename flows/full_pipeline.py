@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from flows.artifacts import print_run, publish_run_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
 from tasks.baselines import mean_pool_config
-from tasks.config import PipelineConfig, check_input_files, load_config
+from tasks.config import Overrides, PipelineConfig, check_input_files, load_config
 from tasks.datasets import prepare_dataset_task
 from tasks.embeddings import EmbeddingResult, embed_labels_task
 from tasks.evaluation import (
@@ -64,6 +64,7 @@ def prepare_inputs(cfg: PipelineConfig, storage: Storage) -> PreparedInputs:
     """Dataset -> validated label table -> features -> label embeddings (each reused if done)."""
     dataset = prepare_dataset_task(cfg.dataset, storage)
     tables = load_tables_task(storage, dataset)
+    cfg.evaluation.check_ks(len(tables.unseen_labels), tables.name)
     features = extract_features_task(
         tables.labels,
         dataset.images_prefix,
@@ -78,7 +79,7 @@ def prepare_inputs(cfg: PipelineConfig, storage: Storage) -> PreparedInputs:
 @flow(name=FLOW_NAME, log_prints=True)
 def lesa(
     config: str = DEFAULT_CONFIG,
-    overrides: dict[str, Any] | None = None,
+    overrides: Overrides = None,
     labels_update: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the LESA pipeline on one YAML config and return its metrics.

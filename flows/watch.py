@@ -28,7 +28,7 @@ from prefect import flow, get_run_logger
 from prefect.logging import get_logger
 
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, warn_without_api
-from tasks.config import load_config
+from tasks.config import Overrides, load_config
 from tasks.events import (
     LABELS_UPDATED_EVENT,
     check_labels_task,
@@ -40,7 +40,7 @@ from tasks.storage import Storage
 
 @flow(name="lesa-watch-labels", log_prints=True)
 def watch_labels(
-    config: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None
+    config: str = DEFAULT_CONFIG, overrides: Overrides = None
 ) -> dict[str, Any] | None:
     """Check the labels of ``config`` once; emit an event and return the change if any."""
     logger = get_run_logger()

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import fsspec
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, WithJsonSchema, model_validator
 
 from lesa_model.config import LossConfig, ModelConfig, StrictModel, TrainerConfig
 from tasks.backbones import PRETRAINED, RANDOM
@@ -23,10 +23,18 @@ from tasks.embeddings import GLOVE_FILE_PREFIX, EmbeddingConfig
 from tasks.evaluation import EvaluationConfig
 from tasks.features import FeaturesConfig
 from tasks.settings import environment_overrides
-from tasks.storage import StorageConfig, is_local, local_path
+from tasks.storage import (
+    OVERRIDES_JSON_SCHEMA,
+    SECRETS_HELP,
+    StorageConfig,
+    is_local,
+    local_path,
+    secret_keys,
+)
 
 __all__ = [
     "ConfigError",
+    "Overrides",
     "PipelineConfig",
     "apply_overrides",
     "check_input_files",
@@ -38,6 +46,17 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the file and the key path."""
+
+
+Overrides = Annotated[dict[str, Any] | None, WithJsonSchema(OVERRIDES_JSON_SCHEMA)]
+"""The type of a flow's ``overrides`` parameter: its JSON schema makes the Prefect server refuse
+a run whose overrides name a secret key, before the run (and the secret) is stored."""
+
+
+def _refuse_secrets(data: Any, where: str) -> None:
+    found = secret_keys(data)
+    if found:
+        raise ConfigError(f"{where}: {', '.join(found)}: {SECRETS_HELP}")
 
 
 DATASET_INPUTS: dict[str, tuple[str, ...]] = {
@@ -170,8 +189,9 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
     ``DASK_SCHEDULER_ADDRESS``) replace the file's; ``overrides`` replace both.
 
     Raises:
-        ConfigError: the file is missing or not YAML, or a key is unknown, missing or
-            wrongly typed; the message lists every problem with its key path.
+        ConfigError: the file is missing or not YAML, a key is unknown, missing or wrongly
+            typed (the message lists every problem with its key path), or the file or an
+            override names a secret (which must come from the environment or a Secret block).
     """
     text = _read_text(source)
     try:
@@ -182,6 +202,8 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {source} must be a YAML mapping, got {type(data).__name__}")
+    _refuse_secrets(data, f"config {source}")
+    _refuse_secrets(overrides, "override")
     data = apply_overrides(apply_overrides(data, environment_overrides()), overrides)
     try:
         return PipelineConfig.model_validate(data)

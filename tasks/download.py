@@ -1,4 +1,4 @@
-"""Concurrent, retried, resumable downloads into storage, and a safe archive extractor.
+"""Concurrent, retried, resumable downloads into storage, and a safe, cached archive extractor.
 
 Dataset URL lists are long and full of dead links, so a download run must survive both: each item
 is retried with exponential backoff (urllib3's ``Retry``: connection errors, 429 and 5xx,
@@ -9,10 +9,13 @@ skipped, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import tarfile
 import threading
 import time
+import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +33,7 @@ from urllib3.util import Retry
 from lesa_model.config import StrictModel
 from tasks.images import ImageRejected
 from tasks.storage import Storage
+from tasks.versions import file_version
 
 logger = logging.getLogger(__name__)
 
@@ -289,3 +293,41 @@ def extract_archive(archive: str | Path, target: str | Path) -> list[Path]:
     else:
         raise ValueError(f"{archive} is neither a zip nor a tar archive")
     return [target / name for name in names]
+
+
+def unpacked_archive(storage: Storage, url: str, folder: str) -> Path:
+    """The content of the archive at ``url`` (local or remote) unpacked under
+    ``<cache_dir>/archives/``, holding everything inside a top-level ``folder/``.
+
+    The cache is keyed by the archive's content version (:func:`tasks.versions.file_version`:
+    SHA-256 locally, ETag/VersionId remotely), so an archive replaced in place, even by one of
+    the same size, is unpacked afresh, and an unchanged one is reused. An archive whose entries
+    are not all under ``folder/`` is unpacked into it. Extraction goes to a staging folder renamed
+    into place, so a crash never leaves a half-unpacked folder that looks finished.
+    """
+    version = file_version(storage, url)
+    local = storage.local_copy(url)  # also when cached: a RecordingStorage records the read
+    key = hashlib.sha256(f"{url}\0{version}".encode()).hexdigest()[:16]
+    target = Path(storage.cache_dir) / "archives" / f"{folder}-{key}"
+    if target.is_dir():
+        return target
+    try:
+        with zipfile.ZipFile(local) as bundle:
+            names = [name for name in bundle.namelist() if not name.endswith("/")]
+    except zipfile.BadZipFile:
+        if not tarfile.is_tarfile(local):
+            raise ValueError(f"{url} ({local}) is not a valid zip or tar archive") from None
+        with tarfile.open(local) as bundle:
+            names = [member.name for member in bundle.getmembers() if member.isfile()]
+    nested = all(name.startswith(f"{folder}/") for name in names)
+    staging = target.with_name(f".tmp-{uuid.uuid4().hex}")
+    logger.info("unpacking %s", url)
+    try:
+        extract_archive(local, staging if nested else staging / folder)
+        staging.rename(target)
+    except OSError:
+        if not target.is_dir():  # another process may have unpacked the same version first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -54,6 +54,21 @@ class EvaluationConfig(StrictModel):
     seed: int = 0
     pointing_pairs: int = Field(default=5000, ge=0)
 
+    def check_ks(self, num_unseen: int, dataset: str) -> None:
+        """Fail unless every K can be scored: ZSL ranks only the unseen labels, so K must not
+        exceed their number (never clamped silently; checked as soon as the dataset is known).
+
+        Raises:
+            ValueError: naming the setting, the dataset's unseen-label count and the fix.
+        """
+        too_large = [k for k in self.ks if k > num_unseen]
+        if too_large:
+            raise ValueError(
+                f"evaluation.ks = {self.ks}: ZSL ranks only the {num_unseen} unseen labels of "
+                f"dataset {dataset}, so top-K needs K <= {num_unseen} ({too_large} too large); "
+                f"set evaluation.ks, e.g. --set 'evaluation.ks=[{num_unseen}]'"
+            )
+
 
 class EvaluationResult(BaseModel):
     """Metrics of every method (fractions in [0, 1]) and where the report files are."""
@@ -68,6 +83,8 @@ class EvaluationResult(BaseModel):
     seen_labels: list[str]
     unseen_labels: list[str]
     pointing: dict[str, float | int] | None = None
+    rejects: reports.RejectSummary | None = None
+    """The images extraction could not use, by reason."""
 
     def describe(self) -> list[str]:
         """Human-readable lines for the run summary."""
@@ -84,6 +101,8 @@ class EvaluationResult(BaseModel):
                     f"{name} baseline: ZSL mAP {100 * values['zsl']['mAP']:.2f}%, "
                     f"GZSL mAP {100 * values['gzsl']['mAP']:.2f}%"
                 )
+        if self.rejects is not None:
+            lines.append(self.rejects.describe())
         if self.pointing:
             lines.append(
                 f"Pointing game: {100 * self.pointing['hit_rate']:.1f}% of "
@@ -210,6 +229,7 @@ def evaluate_checkpoint(
     unseen = embedded(tables.unseen_labels, embeddings)
     if not unseen:
         raise ValueError("no unseen label has a word vector: zero-shot cannot be evaluated")
+    config.check_ks(len(unseen), tables.name)
     names = seen + unseen
     vectors = embeddings.vectors(names)
     store = FeatureStore(features.manifest_url, storage)
@@ -222,15 +242,14 @@ def evaluate_checkpoint(
 
     model = _load_checkpoint(storage, checkpoint_url, expected_metadata)
     scores = score(model, test, vectors, batch_size=config.batch_size)
-    ks = [k for k in config.ks if k <= len(unseen)] or [min([*config.ks, len(unseen)])]
-    metrics = evaluate_zero_shot(scores, test.labels, seen_columns, unseen_columns, ks)
+    metrics = evaluate_zero_shot(scores, test.labels, seen_columns, unseen_columns, config.ks)
     baselines = _baseline_metrics(
         config,
         storage,
         test=test,
         vectors=vectors,
         columns=(seen_columns, unseen_columns),
-        ks=ks,
+        ks=config.ks,
         checkpoints=baseline_checkpoints or {},
         expected=expected_metadata,
     )
@@ -248,6 +267,7 @@ def evaluate_checkpoint(
         max_pairs=config.pointing_pairs,
         seed=config.seed,
     )
+    rejects = reports.reject_summary(storage, features.rejects_url)
     artifacts = reports.write_report(
         metrics,
         label_ap=label_ap,
@@ -256,18 +276,20 @@ def evaluate_checkpoint(
         prefix=report_prefix,
         baselines=baselines,
         pointing=pointing,
+        rejects=rejects,
     )
     return EvaluationResult(
         checkpoint_url=checkpoint_url,
         metrics={reports.LESA_METHOD: metrics, **baselines},
         report_urls=artifacts.urls(),
         report_markdown=reports.report_markdown(
-            metrics, baselines=baselines, label_ap=label_ap, pointing=pointing
+            metrics, baselines=baselines, label_ap=label_ap, pointing=pointing, rejects=rejects
         ),
         num_images=test.num_images,
         seen_labels=seen,
         unseen_labels=unseen,
         pointing=None if pointing is None else reports.pointing_summary(pointing),
+        rejects=rejects,
     )
 
 

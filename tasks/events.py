@@ -103,8 +103,7 @@ def state_url(storage: Storage, dataset: str) -> str:
 
 def _read_vocabulary(config: PipelineConfig, storage: Storage, url: str) -> pd.DataFrame:
     if isinstance(config.dataset, TableConfig):
-        raw = read_user_table(storage, url, config.dataset.format, "vocabulary")
-        return parse_vocabulary(raw, url)
+        return parse_vocabulary(*read_user_table(storage, url, config.dataset.format, "vocabulary"))
     return storage.read_parquet(url)
 
 

@@ -7,8 +7,10 @@ run the backbone in batches, write the HDF5 file locally, upload it verified, an
 manifest row. The driver commits rows as shards finish, rewriting the manifest atomically each
 time, so a crash or a killed worker leaves only verified shards listed.
 
-A rerun skips every listed shard whose file still matches its row (size, sha256) and whose image
-ids are still the ones the table puts in that shard, and recomputes the rest. Features never
+A rerun skips every listed shard whose file still matches its row (size, sha256), whose image
+ids are still the ones the table puts in that shard and whose images are still the files it read
+(their stamps, :func:`tasks.versions.stamps`: an image fixed or replaced in place, or one that
+was missing and now exists, recomputes its shard), and recomputes the rest. Features never
 depend on labels: the feature key names everything that changes the features, and nothing else.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -24,6 +27,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,8 +60,9 @@ from tasks.feature_reader import (
 )
 from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from tasks.progress import RunProgress
-from tasks.retries import retrying_task
+from tasks.retries import is_transient, retrying_task
 from tasks.storage import Storage
+from tasks.versions import digest, stamps
 
 __all__ = [
     "DaskConfig",
@@ -86,7 +91,11 @@ IO_THREADS = 4
 
 
 class ExtractionError(RuntimeError):
-    """Some shards failed; the others are committed and a rerun retries only the failed ones."""
+    """Some shards failed; the others are committed and a rerun retries only the failed ones.
+
+    ``transient`` says whether every failure was transient (then the task retries)."""
+
+    transient = False
 
 
 class DaskConfig(StrictModel):
@@ -197,6 +206,8 @@ class ShardPlan:
     image_ids: tuple[str, ...]
     uris: tuple[str, ...]
     shard_uri: str
+    images_sha256: str = ""
+    """Digest of the images' stamps when planned (see :func:`with_image_versions`)."""
 
     @property
     def ids_sha256(self) -> str:
@@ -233,6 +244,19 @@ def plan_shards(
             shard_uri=f"{out_prefix.rstrip('/')}/{shard_name(number)}",
         )
         for number, start in enumerate(range(0, len(ids), shard_size))
+    ]
+
+
+def with_image_versions(plans: list[ShardPlan], storage: Storage) -> list[ShardPlan]:
+    """``plans`` with each shard's ``images_sha256``: the digest of its images' stamps, taken
+    before extraction reads them (so a file rewritten meanwhile shows as changed next time)."""
+    uris = [uri for plan in plans for uri in plan.uris]
+    found = iter(stamps(storage, uris))
+    return [
+        dataclasses.replace(
+            plan, images_sha256=digest(f"{uri}\t{next(found)}" for uri in plan.uris)
+        )
+        for plan in plans
     ]
 
 
@@ -439,6 +463,7 @@ def extract_shard(
         "sha256": sha256,
         "size_bytes": size,
         "ids_sha256": plan.ids_sha256,
+        "images_sha256": plan.images_sha256,
     }
     return ShardResult(manifest_row=row, rejects=rejects)
 
@@ -542,11 +567,12 @@ def _shard_is_valid(
     expected = {
         "shard_uri": plan.shard_uri,
         "ids_sha256": plan.ids_sha256,
+        "images_sha256": plan.images_sha256,
         "backbone": config.backbone,
         "preprocessing": config.preprocessing_id,
         "dtype": config.dtype,
     }
-    if any(str(row[column]) != value for column, value in expected.items()):
+    if any(str(row.get(column)) != value for column, value in expected.items()):
         return False
     if not storage.exists(plan.shard_uri) or storage.size(plan.shard_uri) != row["size_bytes"]:
         return False
@@ -650,6 +676,7 @@ def extract_features(
     manifest_url = f"{out_prefix}/{MANIFEST_NAME}"
     rejects_url = f"{out_prefix}/{REJECTS_NAME}"
     plans = plan_shards(table, images_prefix, config.shard_size, out_prefix)
+    plans = with_image_versions(plans, storage)
     rows = _committed_shards(storage, manifest_url, plans, config)
     rejects = _committed_rejects(storage, rejects_url, plans, set(rows))
     committer = _Committer(storage, manifest_url, rejects_url, rows, rejects)
@@ -659,6 +686,7 @@ def extract_features(
         _preflight(config, storage)
         log.info("extracting %d of %d shards into %s", len(todo), len(plans), out_prefix)
         _run_shards(todo, len(plans), config, storage, committer)
+    _log_rejects(committer.rejects)
     grid = config.grid
     return FeatureSet(
         manifest_url=manifest_url,
@@ -668,6 +696,17 @@ def extract_features(
         grid=grid,
         num_images=sum(int(row["num_images"]) for row in committer.rows.values()),
     )
+
+
+def _log_rejects(rejects: dict[int, list[dict[str, str]]]) -> None:
+    """Say on the console (and the run's log) how many images have no features, and why."""
+    reasons = Counter(row["reason"] for rows in rejects.values() for row in rows)
+    if reasons:
+        log.warning(
+            "%d image(s) rejected, left out of training and evaluation: %s",
+            sum(reasons.values()),
+            ", ".join(f"{reason} {count}" for reason, count in reasons.most_common()),
+        )
 
 
 def _preflight(config: FeaturesConfig, storage: Storage) -> None:
@@ -693,6 +732,7 @@ def _run_shards(
     """Run ``todo`` as Dask tasks, committing each finished shard at once; progress counts every
     one of the feature set's ``total`` shards, those reused from earlier runs included."""
     failures: list[str] = []
+    errors: list[BaseException] = []
     with dask_client(config.dask) as client:
         link = _dashboard_link(client, config.dask)
         if link:
@@ -713,6 +753,7 @@ def _run_shards(
             try:
                 committer.commit(future.result())
             except Exception as error:  # one shard's failure must not lose the others
+                errors.append(error)
                 failures.append(
                     f"shard {plan.index} ({plan.shard_uri}): {type(error).__name__}: {error}"
                 )
@@ -722,10 +763,12 @@ def _run_shards(
             on_run(finished, total)
         progress.close()
     if failures:
-        raise ExtractionError(
+        failed = ExtractionError(
             f"{len(failures)} of {len(todo)} shards failed (the rest are committed; rerun to "
             "retry):\n" + "\n".join(failures)
         )
+        failed.transient = all(is_transient(error) for error in errors)
+        raise failed
 
 
 extract_features_task = retrying_task("extract-features", retries=1)(extract_features)

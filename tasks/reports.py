@@ -45,6 +45,50 @@ class ReportError(ValueError):
     """Report inputs that do not fit together (shapes, missing settings, empty tables)."""
 
 
+class RejectSummary(BaseModel):
+    """How many images a stage could not use, and why (from its ``rejects.parquet``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    reasons: dict[str, int]
+    """Count per reason, most frequent first."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+    def describe(self) -> str:
+        """One line: ``Rejected images: 3 (corrupt 2, missing 1), listed in `url` ``."""
+        if not self.total:
+            return "Rejected images: none"
+        counts = ", ".join(f"{reason} {count}" for reason, count in self.reasons.items())
+        return f"Rejected images: {self.total} ({counts}), listed in `{self.url}`"
+
+
+def reject_summary(storage: Storage, url: str) -> RejectSummary:
+    """Count the rows of a Rejects table by reason (no file: nothing was rejected)."""
+    if not storage.exists(url):
+        return RejectSummary(url=url, reasons={})
+    reasons = storage.read_parquet(url)["reason"].astype(str).value_counts()
+    ordered = sorted(reasons.items(), key=lambda item: (-item[1], item[0]))
+    return RejectSummary(url=url, reasons={reason: int(count) for reason, count in ordered})
+
+
+def _reject_lines(rejects: RejectSummary) -> list[str]:
+    if not rejects.total:
+        return ["No image was rejected: every image of the label table has features."]
+    rows = [f"| {reason} | {count} |" for reason, count in rejects.reasons.items()]
+    return [
+        f"{rejects.total} image(s) could not be used and are left out of training and "
+        f"evaluation; each is listed with its reason in `{rejects.url}`.",
+        "",
+        "| reason | images |",
+        "|---|---:|",
+        *rows,
+    ]
+
+
 class ReportArtifacts(BaseModel):
     """Where the report files were written (URLs under the report prefix)."""
 
@@ -122,8 +166,10 @@ def report_markdown(
     pointing: PointingGameResult | None = None,
     plots: Mapping[str, str] | None = None,
     title: str = "LESA evaluation report",
+    rejects: RejectSummary | None = None,
 ) -> str:
-    """The report as Markdown: summary tables, baselines, pointing game, per-label AP, plots.
+    """The report as Markdown: summary tables, baselines, rejected images, pointing game,
+    per-label AP, plots.
 
     ``plots`` maps a caption to an image link (relative to the report); without it the text
     stands alone, which is what a Prefect artifact needs.
@@ -134,6 +180,8 @@ def report_markdown(
         lines += [f"## {heading}", "", *_summary_table(methods, setting), ""]
     if baselines:
         lines += ["## LESA against the baselines", "", *_ratio_lines(metrics, baselines), ""]
+    if rejects is not None:
+        lines += ["## Rejected images", "", *_reject_lines(rejects), ""]
     if pointing is not None:
         lines += ["## Attention localisation (pointing game)", "", *_pointing_lines(pointing), ""]
     if label_ap is not None:
@@ -152,10 +200,12 @@ def write_report(
     prefix: str,
     baselines: Mapping[str, SettingMetrics] | None = None,
     pointing: PointingGameResult | None = None,
+    rejects: RejectSummary | None = None,
 ) -> ReportArtifacts:
     """Write metrics.json, report.md and the two PNG plots under ``prefix`` (a storage URL).
 
-    ``label_ap`` comes from :func:`label_ap_table`, ``curve`` from :func:`topk_curve`.
+    ``label_ap`` comes from :func:`label_ap_table`, ``curve`` from :func:`topk_curve`,
+    ``rejects`` from :func:`reject_summary` (the images left out, by reason).
     """
     _check_setting_metrics(LESA_METHOD, metrics)
     for name, values in (baselines or {}).items():
@@ -175,6 +225,7 @@ def write_report(
             **{k: _plain(v) for k, v in (baselines or {}).items()},
         },
         "pointing_game": None if pointing is None else pointing_summary(pointing),
+        "rejected_images": None if rejects is None else rejects.model_dump(),
         "per_label_ap": _records(label_ap),
         "topk_curve": _records(curve),
     }
@@ -185,6 +236,7 @@ def write_report(
         baselines=baselines,
         label_ap=label_ap,
         pointing=pointing,
+        rejects=rejects,
         plots={
             "Best and worst labels by AP": LABELS_PLOT_FILE,
             "Precision, recall and F1 against K": TOPK_PLOT_FILE,

@@ -5,18 +5,26 @@ feature extraction, training and evaluation import these models instead of re-de
 columns. :func:`validate` runs lazily so one failure report lists every broken rule, and its
 :class:`SchemaError` names the stage, the column, the rule and example rows, so a bad input
 stops the run before any later stage starts.
+
+When the table was read from a file (:class:`SourceFile`), the message names the file and counts
+rows the way a person finds them in it, from 1: in a text file with a header line (CSV), data
+row 1 is **line 2**; in a file without lines (parquet) it is **row 1**.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
+
+if TYPE_CHECKING:
+    from tasks.storage import Storage
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 FEATURE_DTYPES: tuple[str, ...] = ("float16", "float32")
@@ -39,6 +47,32 @@ class SchemaError(ValueError):
         super().__init__(message)
         self.stage = stage
         self.failures = failures
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """The file a table was read from, so errors name it and its rows as a person counts them.
+
+    ``header_lines`` is the number of lines before the first data row of a text file (1 for a
+    CSV with a header line, 0 without one); ``None`` means a file without lines (parquet), whose
+    rows are numbered from 1. The table's index must be the 0-based position of the row among
+    the file's data rows (a ``RangeIndex`` as pandas reads it).
+    """
+
+    url: str
+    header_lines: int | None = None
+
+    def row(self, index: Any) -> str:
+        """``line 7`` / ``row 6`` for the 0-based data row ``index``."""
+        if not isinstance(index, int | np.integer):
+            return f"row {index!r}"
+        if self.header_lines is None:
+            return f"row {int(index) + 1}"
+        return f"line {int(index) + 1 + self.header_lines}"
+
+
+def _index_label(index: Any) -> str:
+    return f"row {index!r}"
 
 
 def _is_sequence(value: Any) -> bool:
@@ -163,6 +197,9 @@ class FeatureManifest(pa.DataFrameModel):
     sha256: Series[str] = pa.Field(str_matches=_SHA256_PATTERN)
     size_bytes: Series[int] = pa.Field(gt=0, coerce=True)
     ids_sha256: Series[str] = pa.Field(str_matches=_SHA256_PATTERN)
+    images_sha256: Series[str] | None = pa.Field(str_matches=_SHA256_PATTERN)
+    """Digest of the shard's images' stamps (missing in manifests written before it existed:
+    such shards are recomputed)."""
 
 
 class Rejects(pa.DataFrameModel):
@@ -174,8 +211,10 @@ class Rejects(pa.DataFrameModel):
     reason: Series[str] = pa.Field(str_length={"min_value": 1})
 
 
-def _describe_failures(failures: pd.DataFrame) -> list[str]:
-    """One line per (column, rule) with a count and a few example rows.
+def _describe_failures(
+    failures: pd.DataFrame, row: Callable[[Any], str] = _index_label
+) -> list[str]:
+    """One line per (column, rule) with a count and a few example rows (``row`` names one).
 
     Table-level checks report one failure per column of the row; they are folded back into one
     line naming the columns the rule is about.
@@ -198,8 +237,8 @@ def _describe_failures(failures: pd.DataFrame) -> list[str]:
         relevant = group[group["column"].isin(columns)] if columns else group
         rows = relevant.groupby("index", sort=False)
         examples = ", ".join(
-            f"row {index!r}: {dict(zip(row['column'], row['failure_case'], strict=True))}"
-            for index, row in itertools.islice(rows, _EXAMPLES)
+            f"{row(index)}: {dict(zip(cases['column'], cases['failure_case'], strict=True))}"
+            for index, cases in itertools.islice(rows, _EXAMPLES)
         )
         names = ", ".join(repr(c) for c in columns) or "<table>"
         lines.append(f"  columns {names}, rule {check!r}: {rows.ngroups} row(s), e.g. {examples}")
@@ -207,7 +246,7 @@ def _describe_failures(failures: pd.DataFrame) -> list[str]:
     keys = [column_level["column"].astype(object).fillna("<table>"), column_level["check"]]
     for (column, check), group in column_level.groupby(keys, sort=False):
         examples = ", ".join(
-            f"row {index!r}: {case!r}"
+            f"{row(index)}: {case!r}"
             for index, case in zip(
                 group["index"].head(_EXAMPLES), group["failure_case"].head(_EXAMPLES), strict=True
             )
@@ -217,36 +256,61 @@ def _describe_failures(failures: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _heading(stage: str, model: type[pa.DataFrameModel], source: SourceFile | None) -> str:
+    where = f" {source.url}" if source is not None else ""
+    return f"{stage}: {model.__name__} table{where} is invalid:"
+
+
 def validate(
     frame: pd.DataFrame,
     model: type[pa.DataFrameModel],
     *,
     stage: str,
     vocabulary: pd.DataFrame | None = None,
+    source: SourceFile | str | None = None,
 ) -> pd.DataFrame:
     """Validate ``frame`` against ``model`` (lazily) and return the validated (coerced) frame.
 
     With ``vocabulary``, every label listed in a :class:`LabelTable` must be a vocabulary label.
-    Raises :class:`SchemaError` naming ``stage``, the columns, rules and example rows.
+    With ``source`` (a :class:`SourceFile`, or the URL of a parquet file), the message names that
+    file and its rows counted from 1. Raises :class:`SchemaError` naming ``stage``, the columns,
+    rules and example rows.
     """
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"{stage}: expected a pandas DataFrame, got {type(frame).__name__}")
+    if isinstance(source, str):
+        source = SourceFile(source)
+    row = source.row if source is not None else _index_label
     try:
         validated = model.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as error:
         failures = error.failure_cases
-        message = "\n".join(
-            [f"{stage}: {model.__name__} table is invalid:", *_describe_failures(failures)]
-        )
+        message = "\n".join([_heading(stage, model, source), *_describe_failures(failures, row)])
         raise SchemaError(message, stage=stage, failures=failures) from None
     if vocabulary is not None:
         if model is not LabelTable:
             raise ValueError(f"{stage}: a vocabulary can only be checked against a LabelTable")
-        _check_in_vocabulary(validated, vocabulary, stage=stage)
+        _check_in_vocabulary(validated, vocabulary, stage=stage, source=source)
     return validated
 
 
-def _check_in_vocabulary(table: pd.DataFrame, vocabulary: pd.DataFrame, *, stage: str) -> None:
+def read_validated(
+    storage: Storage,
+    url: str,
+    model: type[pa.DataFrameModel],
+    *,
+    stage: str,
+    vocabulary: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Read the parquet table at ``url`` and :func:`validate` it, naming ``url`` in any error."""
+    return validate(
+        storage.read_parquet(url), model, stage=stage, vocabulary=vocabulary, source=url
+    )
+
+
+def _check_in_vocabulary(
+    table: pd.DataFrame, vocabulary: pd.DataFrame, *, stage: str, source: SourceFile | None
+) -> None:
     known = pd.Index(vocabulary["label"])
     rows = []
     for column in ("positives", "negatives"):
@@ -264,8 +328,9 @@ def _check_in_vocabulary(table: pd.DataFrame, vocabulary: pd.DataFrame, *, stage
         )
     if rows:
         failures = pd.DataFrame(rows)
+        row = source.row if source is not None else _index_label
         message = "\n".join(
-            [f"{stage}: LabelTable table is invalid:", *_describe_failures(failures)]
+            [_heading(stage, LabelTable, source), *_describe_failures(failures, row)]
         )
         raise SchemaError(message, stage=stage, failures=failures)
 

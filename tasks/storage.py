@@ -4,7 +4,12 @@ Every pipeline step reads and writes through :class:`Storage`, so a run can move
 folder to an S3 bucket by changing ``storage.root`` only. Writes are atomic: data goes to a
 temporary file or key first and is only committed under its final name once complete (and, for
 uploads, verified), so a crash never leaves an object that looks finished but is not.
-Credentials live in :class:`pydantic.SecretStr` and never appear in ``repr``, logs or errors.
+
+Credentials never come from a config file, a ``--set`` override or a deployment's parameters,
+where Prefect would keep them in plain text: they come from the environment of the process that
+runs the flow (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``) or from a
+Prefect Secret block named by ``storage.credentials_block``, loaded where the flow runs. They
+never appear in ``repr``, logs or errors.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,7 +36,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback, TqdmCallback
 from fsspec.core import split_protocol
 from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from lesa_model.config import StrictModel
 
@@ -48,13 +53,85 @@ class StorageTimeoutError(TimeoutError):
     """The object store did not answer in time: transient, so the task's retry rule applies."""
 
 
+SECRET_NAMES = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "credentials",
+        "access_key",
+        "access_key_id",
+        "secret_key",
+        "secret_access_key",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+    }
+)
+"""Config keys that hold a secret (compared case-insensitively with the last part of a key)."""
+
+SECRETS_HELP = (
+    "secrets are not accepted in a config file, a --set override or a deployment's overrides "
+    "(Prefect keeps run parameters in plain text); export AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) where the flow runs, or store them in a "
+    "Prefect Secret block and name it: storage.credentials_block=<block name>"
+)
+
+
+class CredentialsError(ValueError):
+    """Credentials that cannot be used (a missing or malformed Secret block); never echoes one."""
+
+
+def secret_keys(data: Any, parents: tuple[str, ...] = ()) -> list[str]:
+    """Dotted paths of the keys in nested config data (dotted keys or sections) that name a
+    secret, e.g. ``storage.secret`` for ``{"storage": {"secret": ...}}``."""
+    found: list[str] = []
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            path = (*parents, *str(key).split("."))
+            if path[-1].strip().lower() in SECRET_NAMES:
+                found.append(".".join(path))
+            else:
+                found.extend(secret_keys(value, path))
+    return found
+
+
+def _any_case(name: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in name)
+
+
+def _no_secret_level(depth: int) -> dict[str, Any]:
+    names = "|".join(_any_case(name) for name in sorted(SECRET_NAMES))
+    pattern = f"^(.*\\.)?\\s*({names})\\s*$"
+    level: dict[str, Any] = {"propertyNames": {"not": {"pattern": pattern}}}
+    if depth:
+        level["additionalProperties"] = {
+            "if": {"type": "object"},
+            "then": _no_secret_level(depth - 1),
+        }
+    return level
+
+
+OVERRIDES_JSON_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"],
+    "description": "config values to replace, as dotted keys or nested sections, e.g. "
+    '{"storage.root": "s3://bucket/lesa", "train": {"steps": 200}}; never a secret: '
+    + SECRETS_HELP,
+    **_no_secret_level(3),
+}
+"""The JSON schema of a flow's ``overrides`` parameter: the Prefect server refuses to create a
+run whose overrides name a secret key, so the secret is never stored with the run."""
+
+
 class StorageConfig(StrictModel):
     """Where run artefacts live and how to reach them.
 
-    ``key``/``secret``/``region``/``endpoint_url`` fall back to the standard AWS environment
-    variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` or
-    ``AWS_REGION``, ``AWS_ENDPOINT_URL``) so secrets need not be written into run configs.
-    Validation errors name the key but never echo its value, so a misspelt ``secret`` is not
+    ``region``/``endpoint_url`` fall back to ``AWS_DEFAULT_REGION`` or ``AWS_REGION`` and
+    ``AWS_ENDPOINT_URL``. There is no key or secret setting: see the module docstring.
+    Validation errors name the key but never echo its value, so a misspelt secret is not
     printed.
     """
 
@@ -63,8 +140,12 @@ class StorageConfig(StrictModel):
     root: str = ".lesa-data"
     endpoint_url: str | None = None
     region: str | None = None
-    key: SecretStr | None = None
-    secret: SecretStr | None = None
+    credentials_block: str | None = Field(
+        None,
+        min_length=1,
+        description="name of a Prefect Secret block holding a JSON object with "
+        "aws_access_key_id, aws_secret_access_key and optionally aws_session_token",
+    )
     cache_dir: str | None = None
     connect_timeout: float = Field(10.0, gt=0)
     """Seconds to wait for a connection to the object store (s3://)."""
@@ -74,10 +155,69 @@ class StorageConfig(StrictModel):
     attempts: int = Field(2, ge=1)
     """Tries per call (botocore's standard retry mode: timeouts, throttling, 5xx)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_secrets(cls, data: Any) -> Any:
+        found = secret_keys(data)
+        if found:
+            raise ValueError(f"{', '.join(found)}: {SECRETS_HELP}")
+        return data
+
 
 def _env_secret(name: str) -> SecretStr | None:
     value = os.environ.get(name)
     return SecretStr(value) if value else None
+
+
+_BLOCK_FIELDS = {
+    "key": ("aws_access_key_id", "key"),
+    "secret": ("aws_secret_access_key", "secret"),
+    "token": ("aws_session_token", "token"),
+}
+
+
+def block_credentials(name: str) -> dict[str, SecretStr]:
+    """``key``, ``secret`` (and ``token``) from the Prefect Secret block ``name``.
+
+    Raises:
+        CredentialsError: the block is missing or does not hold the expected JSON object (the
+            message names the block and the fields, never a value).
+    """
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name).get()
+    except ValueError as error:
+        raise CredentialsError(
+            f"storage.credentials_block {name!r}: no Prefect Secret block of that name on this "
+            f"Prefect API ({type(error).__name__})"
+        ) from None
+    if not isinstance(value, Mapping):
+        value = {}
+    found = {
+        field: SecretStr(str(value[name]))
+        for field, names in _BLOCK_FIELDS.items()
+        for name in reversed(names)  # the AWS spelling wins when a block has both
+        if value.get(name)
+    }
+    if "key" not in found or "secret" not in found:
+        raise CredentialsError(
+            f"storage.credentials_block {name!r}: the Secret block must hold a JSON object with "
+            "aws_access_key_id and aws_secret_access_key (and optionally aws_session_token)"
+        )
+    return found
+
+
+def _credentials(config: StorageConfig) -> dict[str, SecretStr]:
+    """The S3 credentials: the named Secret block, else the AWS environment variables."""
+    if config.credentials_block:
+        return block_credentials(config.credentials_block)
+    found = {
+        "key": _env_secret("AWS_ACCESS_KEY_ID"),
+        "secret": _env_secret("AWS_SECRET_ACCESS_KEY"),
+        "token": _env_secret("AWS_SESSION_TOKEN"),
+    }
+    return {field: value for field, value in found.items() if value is not None}
 
 
 def _default_cache_dir() -> Path:
@@ -138,8 +278,7 @@ class Storage:
 
     def __init__(self, config: StorageConfig | None = None) -> None:
         self.config = config or StorageConfig()
-        self._key = self.config.key or _env_secret("AWS_ACCESS_KEY_ID")
-        self._secret = self.config.secret or _env_secret("AWS_SECRET_ACCESS_KEY")
+        self._credentials = _credentials(self.config)
         self._region = (
             self.config.region
             or os.environ.get("AWS_DEFAULT_REGION")
@@ -216,9 +355,10 @@ class Storage:
                 "retries": {"mode": "standard", "total_max_attempts": self.config.attempts},
             },
         }
-        if self._key and self._secret:
-            options["key"] = self._key.get_secret_value()
-            options["secret"] = self._secret.get_secret_value()
+        if "key" in self._credentials and "secret" in self._credentials:
+            options.update(
+                {field: value.get_secret_value() for field, value in self._credentials.items()}
+            )
         return options
 
     def _resolve(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -247,6 +387,25 @@ class Storage:
         """Size of the object at ``url`` in bytes."""
         fs, path = self._resolve(url)
         return int(fs.size(path))
+
+    @_named_timeouts
+    def info(self, url: str) -> dict[str, Any]:
+        """What the filesystem says about the object at ``url`` (size, mtime, ETag, ...)."""
+        fs, path = self._resolve(url)
+        return dict(fs.info(path))
+
+    @_named_timeouts
+    def list_info(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """The files directly under ``prefix`` with their :meth:`info`, by URL, in one listing
+        (one request per thousand objects on S3 instead of one per object)."""
+        fs, path = self._resolve(prefix)
+        if not fs.isdir(path):
+            return {}
+        return {
+            self._to_url(prefix, entry["name"]): dict(entry)
+            for entry in fs.ls(path, detail=True)
+            if entry.get("type") == "file" and _TMP_MARKER not in entry["name"]
+        }
 
     @_named_timeouts
     def ls(self, prefix: str, *, recursive: bool = False) -> list[str]:

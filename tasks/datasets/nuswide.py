@@ -25,20 +25,14 @@ uses 5,000).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import logging
 import re
-import shutil
-import uuid
-import zipfile
 from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import BinaryIO, Literal
 
 import numpy as np
@@ -61,9 +55,18 @@ from tasks.datasets.base import (
     read_text,
     write_dataset,
 )
-from tasks.download import DownloadConfig, DownloadItem, download_many, extract_archive
+from tasks.download import (
+    PLACEHOLDER_REASON,
+    DownloadConfig,
+    DownloadItem,
+    DownloadResult,
+    UnsafeArchiveError,
+    download_many,
+    unpacked_archive,
+)
 from tasks.images import FLICKR_PLACEHOLDER_SHA256, MIN_DOWNLOAD_BYTES, check_download
 from tasks.storage import Storage
+from tasks.versions import ABSENT, RecordingStorage, content_sha256, digest, stamp_size, stamps
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,9 @@ class NusWideConfig(StrictModel):
         " None downloads the images from the URL list into datasets/<name>/images/",
     )
     check_images: bool = Field(
-        True, description="with `images`: reject missing files and files of <= 4000 bytes"
+        True,
+        description="with `images`: reject missing files, placeholders (placeholder_sha256) "
+        "and files of <= 4000 bytes, as the authors' release does",
     )
     urls_file: str | None = Field(None, description="defaults to <metadata>/NUS-WIDE-urls.txt")
     url_sizes: list[UrlSize] = Field(
@@ -283,38 +288,21 @@ def metadata_resolver(storage: Storage, metadata: str) -> Callable[[str], str]:
 
     NUS LMS distributes each folder as a zip (``ImageList.zip``, ``NUS_WID_Tags.zip``,
     ``ConceptsList.zip``, ``Groundtruth.zip``). A folder that is missing under ``metadata`` but
-    present as ``<folder>.zip`` is unpacked once into the storage cache (safely: zip-slip is
-    refused) and read from there; unpacked folders are used as they are.
+    present as ``<folder>.zip`` is unpacked once per archive version into the storage cache
+    (safely: zip-slip is refused) and read from there; unpacked folders are used as they are.
     """
     roots: dict[str, str] = {}
     for folder in ARCHIVED_FOLDERS:
         archive = join_url(metadata, f"{folder}.zip")
         if storage.exists(join_url(metadata, folder)) or not storage.exists(archive):
             continue
-        local = storage.local_copy(archive)
-        digest = hashlib.sha256(f"{archive}\0{local.stat().st_size}".encode()).hexdigest()[:16]
-        target = Path(storage.cache_dir) / "archives" / f"{folder}-{digest}"
-        if not target.is_dir():
-            _unpack(local, folder, target)
-        roots[folder] = str(target)
+        try:
+            roots[folder] = str(unpacked_archive(storage, archive, folder))
+        except UnsafeArchiveError:
+            raise
+        except ValueError as error:
+            raise DatasetError(f"{folder}.zip: {error}") from error
     return lambda relative: join_url(roots.get(relative.split("/")[0], metadata), relative)
-
-
-def _unpack(archive: Path, folder: str, target: Path) -> None:
-    """Extract next to ``target`` and rename into place, so a crash leaves no half folder."""
-    try:
-        with zipfile.ZipFile(archive) as bundle:
-            names = [name for name in bundle.namelist() if not name.endswith("/")]
-    except zipfile.BadZipFile as error:
-        raise DatasetError(f"{folder}.zip ({archive}) is not a valid zip archive") from error
-    nested = all(name.startswith(f"{folder}/") for name in names)
-    staging = target.with_name(f".tmp-{uuid.uuid4().hex}")
-    logger.info("unpacking %s.zip", folder)
-    try:
-        extract_archive(archive, staging if nested else staging / folder)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _ground_truth_layout(
@@ -508,9 +496,15 @@ def read_url_list(storage: Storage, url: str) -> pd.DataFrame:
 
 
 def _download_images(
-    labels: pd.DataFrame, config: NusWideConfig, storage: Storage, images_prefix: str
-) -> pd.DataFrame:
-    urls = read_url_list(storage, config.urls_file or join_url(config.metadata, URL_LIST))
+    labels: pd.DataFrame,
+    config: NusWideConfig,
+    storage: Storage,
+    reads: Storage,
+    images_prefix: str,
+) -> DownloadResult:
+    """Fetch every listed image into ``images_prefix``; the URL list is read through ``reads``
+    (it is an input of the dataset), the images go through ``storage``."""
+    urls = read_url_list(reads, config.urls_file or join_url(config.metadata, URL_LIST))
     candidates = urls.reindex(labels["uri"])[config.url_sizes]
     items = [
         DownloadItem(
@@ -523,77 +517,170 @@ def _download_images(
         )
     ]
     check = partial(check_download, placeholder_sha256=frozenset(config.placeholder_sha256))
-    result = download_many(items, storage, config.download, check=check, description="NUS-WIDE")
-    return result.rejects
+    return download_many(items, storage, config.download, check=check, description="NUS-WIDE")
 
 
-def _check_images(labels: pd.DataFrame, images_prefix: str, storage: Storage) -> pd.DataFrame:
-    """Reject images that are missing or too small to be a photo (the release's 4000-byte rule)."""
+def images_version(urls: Sequence[str], object_stamps: Sequence[str]) -> str:
+    """One version for a set of images: the digest of every (URL, stamp), in URL order."""
+    return digest(f"{url}\t{st}" for url, st in sorted(zip(urls, object_stamps, strict=True)))
 
-    def reason(uri: str) -> str:
-        try:
-            size = storage.size(join_url(images_prefix, uri))
-        except FileNotFoundError:
+
+def check_images(
+    labels: pd.DataFrame,
+    urls: Sequence[str],
+    object_stamps: Sequence[str],
+    storage: Storage,
+    *,
+    placeholder_sha256: Collection[str],
+) -> pd.DataFrame:
+    """The authors' release rules, in its order, for every image whether local or downloaded:
+    a missing file is ``missing``, bytes identical to a known placeholder are ``placeholder``
+    (whatever their size), and a file of <= 4000 bytes is ``too-small-file`` (a file whose bytes
+    cannot be read for the placeholder check is ``unreadable``).
+
+    ``urls`` and ``object_stamps`` are the images of ``labels``' rows; a placeholder check reads
+    each image once per version (its hash is cached by stamp, see :mod:`tasks.versions`).
+    """
+    digests = (
+        content_sha256(storage, urls, object_stamps, description="check images")
+        if placeholder_sha256
+        else [None] * len(urls)
+    )
+    placeholders = frozenset(placeholder_sha256)
+
+    def reason(object_stamp: str, sha256: str | None) -> str:
+        if object_stamp == ABSENT:
             return "missing"
-        return "too-small-file" if size < MIN_DOWNLOAD_BYTES else ""
+        if placeholders and sha256 is None:
+            return "unreadable"
+        if sha256 in placeholders:
+            return PLACEHOLDER_REASON
+        size = stamp_size(object_stamp)
+        return "too-small-file" if size is not None and size < MIN_DOWNLOAD_BYTES else ""
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        reasons = list(
-            tqdm(pool.map(reason, labels["uri"]), total=len(labels), desc="check images")
-        )
-    rejected = pd.Series(reasons, index=labels.index) != ""
+    reasons = pd.Series(
+        [reason(st, sha) for st, sha in zip(object_stamps, digests, strict=True)],
+        index=labels.index,
+    )
+    rejected = reasons != ""
     return pd.DataFrame(
         {
             "image_id": labels.loc[rejected, "image_id"].to_numpy(),
             "uri": labels.loc[rejected, "uri"].to_numpy(),
             "stage": _IMAGE_CHECK_STAGE,
-            "reason": [r for r in reasons if r],
+            "reason": reasons[rejected].to_numpy(),
         }
     )
 
 
+def _images_prefix(config: NusWideConfig, storage: Storage) -> str:
+    if config.images is not None:
+        return absolute_url(config.images)
+    return dataset_url(storage, config.name, IMAGES_DIR)
+
+
+def _checks_images(config: NusWideConfig) -> bool:
+    """Whether the dataset depends on the images' content (downloads are always checked)."""
+    return config.images is None or config.check_images
+
+
+def _current_images_version(storage: Storage, config: NusWideConfig) -> str:
+    """The version of the listed images as they are now (for a rerun's reuse check)."""
+    url = metadata_resolver(storage, config.metadata)
+    paths = [
+        *_read_image_list(storage, url(TRAIN_LIST), "train image list"),
+        *_read_image_list(storage, url(TEST_LIST), "test image list"),
+    ]
+    prefix = _images_prefix(config, storage)
+    urls = [join_url(prefix, path) for path in paths]
+    return images_version(urls, stamps(storage, urls))
+
+
+def _get_images(
+    labels: pd.DataFrame, config: NusWideConfig, storage: Storage, reads: Storage
+) -> tuple[pd.DataFrame, str | None]:
+    """Download (when there is no images folder) and check the images; return the rejects and
+    the version of the images checked (None when the images are not checked)."""
+    prefix = _images_prefix(config, storage)
+    urls = [join_url(prefix, uri) for uri in labels["uri"]]
+    checked = labels
+    rejects = [schemas.empty(schemas.Rejects)]
+    if config.images is None:
+        result = _download_images(labels, config, storage, reads, prefix)
+        rejects.append(result.rejects)
+        # Fresh downloads were checked on the way in; files already there are checked here.
+        checked = labels[labels["image_id"].isin(result.skipped)]
+    elif not config.check_images:
+        return rejects[0], None
+    # Stamped before the check, so a file rewritten meanwhile is seen as changed next time.
+    object_stamps = stamps(storage, urls)
+    at = labels.index.get_indexer(checked.index)
+    rejects.append(
+        check_images(
+            checked,
+            [urls[i] for i in at],
+            [object_stamps[i] for i in at],
+            storage,
+            placeholder_sha256=config.placeholder_sha256,
+        )
+    )
+    frame = pd.concat([r for r in rejects if len(r)] or rejects[:1], ignore_index=True)
+    return frame.astype(str), images_version(urls, object_stamps)
+
+
 def prepare_nuswide(config: NusWideConfig, storage: Storage) -> DatasetArtifacts:
-    """Parse the metadata, get or check the images, and write the validated tables."""
-    prepared = load_prepared(storage, config.name, config)
+    """Parse the metadata, get or check the images, and write the validated tables.
+
+    Every metadata file is read through a :class:`~tasks.versions.RecordingStorage`, and the
+    checked images are versioned by their stamps, so an edited tag or ground-truth file, a
+    rejected image fixed in place or an accepted one replaced rebuilds the dataset on rerun.
+    """
+    prepared = load_prepared(
+        storage,
+        config.name,
+        config,
+        images_version=(
+            partial(_current_images_version, storage, config) if _checks_images(config) else None
+        ),
+    )
     if prepared is not None:
         return prepared
-    metadata = read_nuswide_metadata(storage, config.metadata, ground_truth=config.ground_truth)
+    reads = RecordingStorage(storage)
+    metadata = read_nuswide_metadata(reads, config.metadata, ground_truth=config.ground_truth)
     labels, vocabulary = build_nuswide_tables(metadata, num_val=config.num_val)
     del metadata
-    if config.images is not None:
-        images_prefix = absolute_url(config.images)
-        rejects = (
-            _check_images(labels, images_prefix, storage)
-            if config.check_images
-            else schemas.empty(schemas.Rejects)
-        )
-    else:
-        images_prefix = dataset_url(storage, config.name, IMAGES_DIR)
-        rejects = _download_images(labels, config, storage, images_prefix)
+    rejects, version = _get_images(labels, config, storage, reads)
     labels = labels[~labels["image_id"].isin(rejects["image_id"])].reset_index(drop=True)
     if len(rejects) and (labels["split"] != "test").any():
         labels = assign_validation(labels, config.num_val)
-    reasons = rejects["reason"].value_counts().to_dict()
-    if reasons:
-        logger.warning("dataset %s: %d images rejected %s", config.name, len(rejects), reasons)
-    if labels.empty:
-        hint = (
-            " (no image host could be reached: is this machine offline?)"
-            if set(reasons) <= {"connection-error", "timeout"}
-            else ""
-        )
-        raise DatasetError(f"dataset {config.name}: every image was rejected {reasons}{hint}")
-    emptied = sorted({"train", "test"} - set(labels["split"]))
-    if emptied:
-        raise DatasetError(
-            f"dataset {config.name}: every {' and '.join(emptied)} image was rejected {reasons}"
-        )
+    _check_kept(labels, rejects, config.name)
     return write_dataset(
         storage,
         config,
         name=config.name,
         labels=labels,
         vocabulary=vocabulary,
-        images_prefix=images_prefix,
+        images_prefix=_images_prefix(config, storage),
         rejects=rejects,
+        inputs=reads.inputs,
+        images_version=version,
     )
+
+
+def _check_kept(labels: pd.DataFrame, rejects: pd.DataFrame, name: str) -> None:
+    """Log the rejects; fail when they leave no image, or no train or no test image."""
+    reasons = rejects["reason"].value_counts().to_dict()
+    if reasons:
+        logger.warning("dataset %s: %d images rejected %s", name, len(rejects), reasons)
+    if labels.empty:
+        hint = (
+            " (no image host could be reached: is this machine offline?)"
+            if set(reasons) <= {"connection-error", "timeout"}
+            else ""
+        )
+        raise DatasetError(f"dataset {name}: every image was rejected {reasons}{hint}")
+    emptied = sorted({"train", "test"} - set(labels["split"]))
+    if emptied:
+        raise DatasetError(
+            f"dataset {name}: every {' and '.join(emptied)} image was rejected {reasons}"
+        )

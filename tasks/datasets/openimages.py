@@ -24,7 +24,6 @@ import io
 import logging
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 from pydantic import Field
 
@@ -38,7 +37,9 @@ from tasks.datasets.base import (
     read_text,
     write_dataset,
 )
+from tasks.schemas import SourceFile
 from tasks.storage import Storage
+from tasks.versions import RecordingStorage
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,11 @@ def read_image_labels(storage: Storage, url: str, known: pd.Series) -> pd.DataFr
     try:
         with storage.open(url, "rb") as handle:
             frame = pd.read_csv(
-                handle, dtype=str, keep_default_na=False, usecols=lambda c: c in _LABEL_COLUMNS
+                handle,
+                dtype=str,
+                keep_default_na=False,
+                skip_blank_lines=False,
+                usecols=lambda c: c in _LABEL_COLUMNS,
             )
     except (ValueError, pd.errors.ParserError) as error:
         raise DatasetError(f"image labels {url} are malformed: {error}") from error
@@ -149,13 +154,15 @@ def read_image_labels(storage: Storage, url: str, known: pd.Series) -> pd.DataFr
             "ImageID,Source,LabelName,Confidence"
         )
     frame = frame[list(_LABEL_COLUMNS)]
+    frame = frame[(frame != "").any(axis=1)]  # blank lines, kept in the index until here
+    source = SourceFile(url, header_lines=1)
     confidence = pd.to_numeric(frame["Confidence"], errors="coerce")
     bad = ~confidence.isin([0.0, 1.0])
     if bad.any():
+        where = ", ".join(source.row(index) for index in frame.index[bad.to_numpy()][:5])
         raise DatasetError(
             f"image labels {url}: Confidence must be 0 or 1; {int(bad.sum())} rows are not, "
-            f"e.g. rows {np.flatnonzero(bad)[:5].tolist()} = "
-            f"{frame.loc[bad, 'Confidence'].head().tolist()}"
+            f"e.g. {where} = {frame.loc[bad, 'Confidence'].head().tolist()}"
         )
     unknown = ~frame["LabelName"].isin(known.index)
     if unknown.any():
@@ -189,6 +196,16 @@ def _split_table(
     allowed = vocabulary if split == "test" else vocabulary[vocabulary["seen"]]
     label_of = allowed.set_index("mid")["label"]
     kept = rows[rows["LabelName"].isin(label_of.index)]
+    unseen = rows[rows["LabelName"].isin(vocabulary.loc[~vocabulary["seen"], "mid"])]
+    if split != "test" and len(unseen):
+        logger.warning(
+            "open-images %s: %d annotation(s) of unseen classes on %d image(s) ignored (unseen "
+            "labels are never trained on), e.g. %s",
+            split,
+            len(unseen),
+            unseen["ImageID"].nunique(),
+            sorted(set(unseen["LabelName"]))[:5],
+        )
     kept = kept.assign(label=kept["LabelName"].map(label_of))
     images = pd.Index(sorted(kept["ImageID"].unique()), name="ImageID")
     dropped = rows["ImageID"].nunique() - len(images)
@@ -215,13 +232,18 @@ def _split_table(
 
 
 def prepare_openimages(config: OpenImagesConfig, storage: Storage) -> DatasetArtifacts:
-    """Parse the class lists and label CSVs, and write the validated tables."""
+    """Parse the class lists and label CSVs, and write the validated tables.
+
+    Every file is read through a :class:`~tasks.versions.RecordingStorage`, so a label CSV
+    edited in place (a confidence turned from 1 to 0, say) rebuilds the dataset on rerun.
+    """
     prepared = load_prepared(storage, config.name, config)
     if prepared is not None:
         return prepared
-    names = read_class_descriptions(storage, config.class_descriptions)
-    seen = _read_class_ids(storage, config.trainable_classes, "trainable classes", names)
-    unseen = _read_class_ids(storage, config.unseen_classes, "unseen classes", names)
+    reads = RecordingStorage(storage)
+    names = read_class_descriptions(reads, config.class_descriptions)
+    seen = _read_class_ids(reads, config.trainable_classes, "trainable classes", names)
+    unseen = _read_class_ids(reads, config.unseen_classes, "unseen classes", names)
     vocabulary = openimages_vocabulary(names, seen, unseen)
     sources: list[tuple[Split, str | None]] = [
         ("train", config.train_labels),
@@ -229,7 +251,7 @@ def prepare_openimages(config: OpenImagesConfig, storage: Storage) -> DatasetArt
         ("test", config.test_labels),
     ]
     tables = [
-        _split_table(read_image_labels(storage, url, names), split, vocabulary, config)
+        _split_table(read_image_labels(reads, url, names), split, vocabulary, config)
         for split, url in sources
         if url is not None
     ]
@@ -247,4 +269,5 @@ def prepare_openimages(config: OpenImagesConfig, storage: Storage) -> DatasetArt
         labels=labels,
         vocabulary=vocabulary.drop(columns="mid"),
         images_prefix=config.images_prefix,
+        inputs=reads.inputs,
     )

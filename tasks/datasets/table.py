@@ -29,17 +29,18 @@ import pandas as pd
 from pydantic import Field
 
 from lesa_model.config import StrictModel
+from tasks import schemas
 from tasks.datasets.base import (
     DatasetArtifacts,
     DatasetError,
     DatasetName,
     absolute_url,
-    input_checksums,
     label_tokens,
     load_prepared,
     write_dataset,
 )
 from tasks.storage import Storage
+from tasks.versions import RecordingStorage
 
 _TRUE = frozenset({"true", "1", "yes", "y", "t", "seen"})
 _FALSE = frozenset({"false", "0", "no", "n", "f", "unseen", ""})
@@ -60,19 +61,36 @@ class TableConfig(StrictModel):
     format: Literal["auto", "csv", "parquet"] = "auto"
 
 
-def read_user_table(storage: Storage, url: str, fmt: str, what: str) -> pd.DataFrame:
-    """Read a CSV (every cell as text) or parquet file, with a clear error if missing/broken."""
+def read_user_table(
+    storage: Storage, url: str, fmt: str, what: str
+) -> tuple[pd.DataFrame, schemas.SourceFile]:
+    """Read a CSV (every cell as text) or parquet file, with a clear error if missing/broken.
+
+    Blank CSV lines are dropped but keep their place in the index, so the index stays the
+    0-based data row and errors can name the line a person sees in an editor (the returned
+    :class:`~tasks.schemas.SourceFile`).
+    """
     if not storage.exists(url):
         raise DatasetError(f"missing {what}: {url} does not exist")
     kind = fmt if fmt != "auto" else ("parquet" if url.endswith((".parquet", ".pq")) else "csv")
     try:
         if kind == "parquet":
-            return storage.read_parquet(url)
-        return pd.read_csv(
-            io.BytesIO(storage.read_bytes(url)), dtype=str, keep_default_na=False
+            return storage.read_parquet(url), schemas.SourceFile(url)
+        frame = pd.read_csv(
+            io.BytesIO(storage.read_bytes(url)),
+            dtype=str,
+            keep_default_na=False,
+            skip_blank_lines=False,
         ).rename(columns=str.strip)
     except (ValueError, OSError, pd.errors.ParserError) as error:
         raise DatasetError(f"{what} {url} is not a readable {kind} file: {error}") from error
+    blank = (frame.apply(lambda column: column.str.strip()) == "").all(axis=1)
+    return frame[~blank], schemas.SourceFile(url, header_lines=1)
+
+
+def _rows(source: schemas.SourceFile, mask: pd.Series) -> str:
+    """The first few rows where ``mask`` holds, as the file counts them (``line 3, line 7``)."""
+    return ", ".join(source.row(index) for index in mask.index[mask.to_numpy()][:5])
 
 
 def _require_columns(frame: pd.DataFrame, required: set[str], url: str, what: str) -> None:
@@ -93,7 +111,7 @@ def _split_labels(value: Any, separator: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def _parse_flags(series: pd.Series, column: str, url: str) -> pd.Series:
+def _parse_flags(series: pd.Series, column: str, source: schemas.SourceFile) -> pd.Series:
     if series.dtype == bool:
         return series
     text = series.map(lambda value: str(value).strip().lower())
@@ -101,53 +119,69 @@ def _parse_flags(series: pd.Series, column: str, url: str) -> pd.Series:
     if bad.any():
         examples = series[bad].head(3).tolist()
         raise DatasetError(
-            f"{url}: column {column!r} has values that are not true/false: {examples}"
+            f"{source.url}: column {column!r} has values that are not true/false: {examples} "
+            f"at {_rows(source, bad)}"
         )
     return text.isin(_TRUE)
 
 
-def parse_vocabulary(frame: pd.DataFrame, url: str) -> pd.DataFrame:
-    """User vocabulary -> Vocabulary table.
+def _text(series: pd.Series) -> pd.Series:
+    """Cells as stripped text, a null (parquet ``None``/NaN) as the empty string."""
+    return series.map(lambda value: "" if pd.isna(value) else str(value).strip())
 
-    Empty or null ``tokens`` (a blank CSV cell, a parquet null) default to the label's words.
+
+def parse_vocabulary(frame: pd.DataFrame, source: schemas.SourceFile) -> pd.DataFrame:
+    """User vocabulary -> Vocabulary table (index kept: the file's data rows).
+
+    Empty or null ``tokens`` (a blank CSV cell, a parquet null) default to the label's words; an
+    empty or null label, or no label at all, is an error naming the file (and the lines).
     """
+    url = source.url
     _require_columns(frame, {"label", "seen"}, url, "vocabulary")
-    labels = frame["label"].astype(str).str.strip()
-    tokens = (
-        frame["tokens"].fillna("").astype(str).str.strip()
-        if "tokens" in frame.columns
-        else pd.Series("", index=frame.index)
-    )
+    if frame.empty:
+        raise DatasetError(f"vocabulary {url} lists no labels")
+    labels = _text(frame["label"])
+    empty = labels == ""
+    if empty.any():
+        raise DatasetError(f"vocabulary {url}: empty or null label at {_rows(source, empty)}")
+    tokens = _text(frame["tokens"]) if "tokens" in frame.columns else labels.map(lambda _: "")
     return pd.DataFrame(
         {
             "label": labels,
-            "seen": _parse_flags(frame["seen"], "seen", url).astype(bool),
+            "seen": _parse_flags(frame["seen"], "seen", source).astype(bool),
             "tokens": [tok or label_tokens(lab) for tok, lab in zip(tokens, labels, strict=True)],
-        }
-    ).reset_index(drop=True)
+        },
+        index=frame.index,
+    )
 
 
-def parse_label_table(frame: pd.DataFrame, url: str, config: TableConfig) -> pd.DataFrame:
-    """User label table -> LabelTable rows (validation against the vocabulary happens later)."""
+def parse_label_table(
+    frame: pd.DataFrame, source: schemas.SourceFile, config: TableConfig
+) -> pd.DataFrame:
+    """User label table -> LabelTable rows (index kept; checked against the vocabulary later)."""
+    url = source.url
     _require_columns(frame, {"uri", "split", "positives"}, url, "label table")
-    uris = frame["uri"].astype(str).str.strip()
+    if frame.empty:
+        raise DatasetError(f"label table {url} lists no images")
+    uris = _text(frame["uri"])
     if (uris == "").any():
-        rows = np.flatnonzero(uris == "")[:5].tolist()
-        raise DatasetError(f"label table {url}: empty uri at row(s) {rows}")
+        raise DatasetError(f"label table {url}: empty uri at {_rows(source, uris == '')}")
     image_ids = (
-        frame["image_id"].astype(str).str.strip()
+        _text(frame["image_id"])
         if "image_id" in frame.columns
         else uris.str.replace(r"\.[^./]+$", "", regex=True)
     )
     duplicated = image_ids.duplicated(keep=False)
     if duplicated.any():
         examples = sorted(set(image_ids[duplicated]))[:5]
-        raise DatasetError(f"label table {url}: duplicate image ids {examples}")
+        raise DatasetError(
+            f"label table {url}: duplicate image ids {examples} at {_rows(source, duplicated)}"
+        )
     negatives = (
         frame["negatives"] if "negatives" in frame.columns else pd.Series(None, index=frame.index)
     )
     complete = (
-        _parse_flags(frame["complete"], "complete", url)
+        _parse_flags(frame["complete"], "complete", source)
         if "complete" in frame.columns
         else pd.Series(config.complete, index=frame.index)
     )
@@ -155,16 +189,21 @@ def parse_label_table(frame: pd.DataFrame, url: str, config: TableConfig) -> pd.
         {
             "image_id": image_ids,
             "uri": uris,
-            "split": frame["split"].astype(str).str.strip().str.lower(),
+            "split": _text(frame["split"]).str.lower(),
             "positives": pd.Series(
-                [_split_labels(v, config.separator) for v in frame["positives"]], dtype=object
-            ).to_numpy(),
+                [_split_labels(v, config.separator) for v in frame["positives"]],
+                index=frame.index,
+                dtype=object,
+            ),
             "negatives": pd.Series(
-                [_split_labels(v, config.separator) for v in negatives], dtype=object
-            ).to_numpy(),
-            "complete": complete.astype(bool).to_numpy(),
-        }
-    ).reset_index(drop=True)
+                [_split_labels(v, config.separator) for v in negatives],
+                index=frame.index,
+                dtype=object,
+            ),
+            "complete": complete.astype(bool),
+        },
+        index=frame.index,
+    )
 
 
 def _parent(url: str) -> str:
@@ -173,28 +212,38 @@ def _parent(url: str) -> str:
 
 
 def prepare_table(config: TableConfig, storage: Storage) -> DatasetArtifacts:
-    """Read, check and write the user's tables (skipped when prepared from the same files)."""
-    inputs = input_checksums(
-        storage, {"label table": config.labels, "vocabulary": config.vocabulary}
-    )
-    prepared = load_prepared(storage, config.name, config, inputs)
+    """Read, check and write the user's tables (skipped when prepared from the same files).
+
+    Both files are read through a :class:`~tasks.versions.RecordingStorage`, so their versions
+    are the dataset's version: rewriting either in place rebuilds it.
+    """
+    prepared = load_prepared(storage, config.name, config)
     if prepared is not None:
         return prepared
-    vocabulary = parse_vocabulary(
-        read_user_table(storage, config.vocabulary, config.format, "vocabulary"),
-        config.vocabulary,
+    reads = RecordingStorage(storage)
+    frame, vocabulary_source = read_user_table(
+        reads, config.vocabulary, config.format, "vocabulary"
     )
-    labels = parse_label_table(
-        read_user_table(storage, config.labels, config.format, "label table"),
-        config.labels,
-        config,
+    vocabulary = schemas.validate(
+        parse_vocabulary(frame, vocabulary_source),
+        schemas.Vocabulary,
+        stage="dataset",
+        source=vocabulary_source,
+    )
+    frame, labels_source = read_user_table(reads, config.labels, config.format, "label table")
+    labels = schemas.validate(
+        parse_label_table(frame, labels_source, config),
+        schemas.LabelTable,
+        stage="dataset",
+        vocabulary=vocabulary,
+        source=labels_source,
     )
     return write_dataset(
         storage,
         config,
         name=config.name,
-        labels=labels,
-        vocabulary=vocabulary,
+        labels=labels.reset_index(drop=True),
+        vocabulary=vocabulary.reset_index(drop=True),
         images_prefix=absolute_url(config.images_prefix or _parent(config.labels)),
-        inputs=inputs,
+        inputs=reads.inputs,
     )

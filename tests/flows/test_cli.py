@@ -113,3 +113,46 @@ def test_printed_table_holds_every_number() -> None:
     for cell in ("12.34", "50.00", "25.00", "33.33", "5.00", "1.00"):
         assert cell in text
     assert "GZSL" in text
+
+
+def test_too_large_k_fails_after_the_label_table_before_extraction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evaluation.ks: [10, 20]` with 3 unseen labels was silently replaced by [3]."""
+    data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    data["storage"] = {"root": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")}
+    (tmp_path / "labels.csv").write_text(
+        "uri,split,positives\na.jpg,train,cat\nb.jpg,test,owl|cat\nc.jpg,test,emu\n"
+    )
+    (tmp_path / "vocabulary.csv").write_text(
+        "label,seen\ncat,true\ndog,true\nowl,false\nemu,false\nyak,false\n"
+    )
+    data["dataset"] = {
+        "source": "table",
+        "labels": str(tmp_path / "labels.csv"),
+        "vocabulary": str(tmp_path / "vocabulary.csv"),
+    }
+    data["evaluation"]["ks"] = [10, 20]
+    data["train"]["select"] = "mAP"
+    path = tmp_path / "table.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert full_pipeline_main(["--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "evaluation.ks = [10, 20]" in err and "the 3 unseen labels" in err
+    assert (tmp_path / "store" / "datasets").exists()
+    assert not (tmp_path / "store" / "features").exists(), "no feature was extracted"
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_a_secret_given_with_set_is_refused_before_any_work(
+    module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "wJalrXUtnFEMI-not-a-real-key"
+    args = ["--config", str(CONFIGS / "tiny.yaml"), "--set", f"storage.root={tmp_path / 's'}"]
+    code = importlib.import_module(module).main([*args, "--set", f"storage.secret={secret}"])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "override: storage.secret: secrets are not accepted" in captured.err
+    assert "storage.credentials_block" in captured.err
+    assert secret not in captured.out + captured.err
+    assert not (tmp_path / "s").exists()

@@ -294,3 +294,80 @@ def test_evaluate_cli_scores_the_earlier_checkpoint(services: Services) -> None:
     lines = [line for line in done.stdout.splitlines() if "LESA" in line]
     assert any("ZSL" in line and "GZSL" not in line for line in lines)
     assert any("GZSL" in line for line in lines)
+
+
+def test_no_secret_ever_reaches_the_run_record(services: Services) -> None:
+    """Secrets given as overrides are refused before a run is stored; credentials from a Prefect
+    Secret block reach S3 but no flow-run parameter, log or artifact on the server."""
+    secret = f"wJalrXUtnFEMI-e2e-{uuid.uuid4().hex[:8]}"
+    prefect = str(BIN / "prefect")
+    for overrides in (
+        {"storage": {"root": services.root, "secret": secret}},
+        {"storage.root": services.root, "storage.secret": secret},
+    ):
+        done = services.run(
+            prefect,
+            *("deployment", "run", "lesa/full-pipeline", "-p", f"config={TINY}"),
+            *("-p", "overrides=" + json.dumps(overrides)),
+            timeout=120,
+        )
+        assert done.returncode != 0, done.stdout[-2000:]
+        assert "Validation failed for field 'overrides" in done.stdout + done.stderr
+    done = services.run(
+        sys.executable,
+        *("-m", "flows.full_pipeline", "--config", TINY),
+        *("--set", f"storage.root={services.root}", "--set", f"storage.secret={secret}"),
+        timeout=120,
+    )
+    assert done.returncode == 2 and "storage.credentials_block" in done.stderr
+
+    block = f"lesa-e2e-{uuid.uuid4().hex[:8]}"
+    key, block_secret = f"AKIAE2E{uuid.uuid4().hex[:8].upper()}", f"e2e-{uuid.uuid4().hex}"
+    saved = services.run(
+        sys.executable,
+        "-c",
+        "import json, sys; from prefect.blocks.system import Secret; "
+        "Secret(value=json.dumps({'aws_access_key_id': sys.argv[1], "
+        "'aws_secret_access_key': sys.argv[2]})).save(sys.argv[3])",
+        *(key, block_secret, block),
+        timeout=120,
+    )
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    overrides = {"storage": {"root": services.root, "credentials_block": block}}
+    done = services.run(
+        prefect,
+        *("deployment", "run", "lesa/full-pipeline", "-p", f"config={TINY}"),
+        *("-p", "overrides=" + json.dumps(overrides)),
+        *("--watch", "--watch-timeout", str(RUN_TIMEOUT_S)),
+    )
+    run_id = (done.stdout + done.stderr).split("UUID:")[1].split()[0]
+    run = wait_for_final_state(services, run_id, 60)
+    assert run["state_type"] == "COMPLETED", (services.logs / "serve.log").read_text()[-5000:]
+    assert run["parameters"]["overrides"] == overrides
+    assert "Rejected images: none" in services.artifacts(run_id)["lesa-summary"]["data"]
+
+    record = json.dumps(
+        [
+            everything(services, path)
+            for path in (
+                "/flow_runs/filter",
+                "/task_runs/filter",
+                "/logs/filter",
+                "/artifacts/filter",
+            )
+        ]
+    )
+    assert block in record, "the records were read"
+    for value in (secret, key, block_secret):
+        assert value not in record
+
+
+def everything(services: Services, path: str) -> list[dict[str, Any]]:
+    """Every object a filter endpoint of the Prefect API returns, page by page."""
+    found: list[dict[str, Any]] = []
+    while True:
+        page = services.http.post(path, json={"limit": 200, "offset": len(found)})
+        items = page.raise_for_status().json()
+        found.extend(items)
+        if len(items) < 200:
+            return found

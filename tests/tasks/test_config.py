@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import traceback
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -241,3 +242,37 @@ def test_config_from_s3(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.run_name == "tiny"
     with pytest.raises(ConfigError, match="not found"):
         load_config(f"s3://{s3_server.bucket}/configs/missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"storage.secret": "wJalrXUtnFEMI-not-a-real-key"},
+        {"storage": {"key": "AKIAEXAMPLE", "root": "s3://b"}},
+        {"storage.Secret_Access_Key": "wJalrXUtnFEMI-not-a-real-key"},
+        {"dataset": {"download": {"password": "hunter2-not-real"}}},
+    ],
+    ids=["dotted", "nested", "any-case", "other-section"],
+)
+def test_secrets_given_as_overrides_are_refused_saying_how_to_pass_them(
+    overrides: dict[str, Any],
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(CONFIGS / "tiny.yaml", overrides)
+    message = str(caught.value)
+    assert message.startswith("override: ")
+    assert "AWS_ACCESS_KEY_ID" in message and "storage.credentials_block=" in message
+    for secret in ("wJalrXUtnFEMI", "AKIAEXAMPLE", "hunter2"):
+        assert not any(secret in line for line in traceback.format_exception(caught.value))
+
+
+def test_a_secret_in_the_yaml_file_is_refused(tmp_path: Path, tiny_data: dict) -> None:
+    tiny_data["storage"]["secret"] = "wJalrXUtnFEMI-not-a-real-key"
+    path = write_config(tmp_path, tiny_data)
+    with pytest.raises(ConfigError, match=rf"config {path}: storage.secret: secrets are not") as e:
+        load_config(path)
+    assert "wJalrXUtnFEMI" not in str(e.value)
+    tiny_data["storage"] = {"root": "s3://bucket/lesa", "credentials_block": "my-s3-creds"}
+    assert load_config(write_config(tmp_path, tiny_data)).storage.credentials_block == (
+        "my-s3-creds"
+    )

@@ -19,6 +19,7 @@ from tasks.download import (
     UnsafeArchiveError,
     download_many,
     extract_archive,
+    unpacked_archive,
 )
 from tasks.images import check_download, sha256_hex
 from tasks.storage import Storage, StorageConfig
@@ -242,3 +243,24 @@ def test_not_an_archive(tmp_path: Path) -> None:
     (tmp_path / "plain.txt").write_text("hello")
     with pytest.raises(ValueError, match="neither a zip nor a tar"):
         extract_archive(tmp_path / "plain.txt", tmp_path / "out")
+
+
+def test_unpacked_archive_cache_is_keyed_by_content(tmp_path: Path) -> None:
+    """A replaced archive of the same size was served stale (the key was URL + size)."""
+    storage = Storage(StorageConfig(root=str(tmp_path / "s"), cache_dir=str(tmp_path / "c")))
+    archive = tmp_path / "ConceptsList.zip"
+
+    def write(text: str) -> None:
+        with zipfile.ZipFile(archive, "w") as bundle:
+            bundle.writestr("Concepts81.txt", text)
+
+    write("animal\nbeach\n")
+    first = unpacked_archive(storage, str(archive), "ConceptsList")
+    assert (first / "ConceptsList" / "Concepts81.txt").read_text() == "animal\nbeach\n"
+    assert unpacked_archive(storage, str(archive), "ConceptsList") == first
+    size = archive.stat().st_size
+    write("lamina\nhcaeb\n")
+    assert archive.stat().st_size == size
+    second = unpacked_archive(storage, str(archive), "ConceptsList")
+    assert second != first
+    assert (second / "ConceptsList" / "Concepts81.txt").read_text() == "lamina\nhcaeb\n"

@@ -131,6 +131,39 @@ def test_report_files_and_summary(trained: tuple[Synthetic, str]) -> None:
     assert any("LESA ZSL mAP" in line for line in result.describe())
 
 
+def test_rejected_images_are_counted_by_reason_in_summary_and_report(
+    trained: tuple[Synthetic, str],
+) -> None:
+    """Feature-stage rejects appeared only in rejects.parquet before."""
+    inputs, checkpoint = trained
+    storage = inputs.storage
+    reasons = ["corrupt", "missing", "corrupt", "too-large"]
+    rejects = pd.DataFrame(
+        {
+            "image_id": [f"gone-{i}" for i in range(4)],
+            "uri": [f"gone-{i}.jpg" for i in range(4)],
+            "stage": "features",
+            "reason": reasons,
+        }
+    )
+    storage.write_parquet(inputs.features.rejects_url, rejects)
+    try:
+        result = evaluate(inputs, checkpoint)
+    finally:
+        storage.rm(inputs.features.rejects_url)
+    counts = "4 (corrupt 2, missing 1, too-large 1)"
+    assert f"Rejected images: {counts}, listed in `{inputs.features.rejects_url}`" in (
+        result.describe()
+    )
+    report = storage.read_bytes(result.report_urls["report.md"]).decode()
+    for text in (result.report_markdown, report):
+        assert "## Rejected images" in text
+        assert "| corrupt | 2 |" in text and "| missing | 1 |" in text
+    written = storage.read_json(result.report_urls["metrics.json"])["rejected_images"]
+    assert written["reasons"] == {"corrupt": 2, "missing": 1, "too-large": 1}
+    assert "Rejected images: none" in evaluate(inputs, checkpoint).describe()
+
+
 def test_mean_pool_baseline_is_scored_from_its_checkpoint(trained: tuple[Synthetic, str]) -> None:
     inputs, checkpoint = trained
     baseline = train(
@@ -155,6 +188,16 @@ def test_a_checkpoint_from_other_features_is_refused(trained: tuple[Synthetic, s
         evaluate(inputs, checkpoint, expected_metadata={"feature_key": "vgg19-0000000000"})
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         evaluate(inputs, checkpoint + ".missing")
+
+
+def test_a_k_above_the_unseen_label_count_is_an_error_not_clamped(
+    trained: tuple[Synthetic, str],
+) -> None:
+    inputs, checkpoint = trained
+    with pytest.raises(ValueError, match=r"evaluation.ks = \[2, 5\]: .* the 2 unseen labels"):
+        evaluate(inputs, checkpoint, config=EvaluationConfig(ks=[2, 5], baselines=[]))
+    result = evaluate(inputs, checkpoint, config=EvaluationConfig(ks=[1, 2], baselines=[]))
+    assert {"F1@1", "F1@2"} <= set(result.metrics["LESA"]["zsl"])
 
 
 def test_no_unseen_label_is_a_clear_error(trained: tuple[Synthetic, str]) -> None:

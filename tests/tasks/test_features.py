@@ -387,6 +387,48 @@ def test_changed_shard_bytes_or_reassigned_ids_are_recomputed(
     assert list(store.image_ids) == ["img-000", "img-001", "img-003", "img-002"]
 
 
+def test_an_image_fixed_or_replaced_in_place_recomputes_its_shard(
+    cluster: ClusterInfo, local_storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = write_images(local_storage, 4)
+
+    def image(name: str) -> str:
+        return local_storage.url("images", f"{name}.png")
+
+    local_storage.write_bytes(image("img-001"), b"this is not an image")
+    config = small_config(cluster.address)
+    out = local_storage.url("features", "fixed")
+    with caplog.at_level("WARNING"):
+        first = extract_features(table, local_storage.url("images"), config, local_storage, out)
+    assert "1 image(s) rejected, left out of training and evaluation: corrupt 1" in caplog.text
+    rejects = local_storage.read_parquet(first.rejects_url)
+    assert rejects[["image_id", "reason"]].values.tolist() == [["img-001", "corrupt"]]
+    files = _shard_files(local_storage, out)
+    kept = files[shard_name(1)].stat().st_mtime_ns
+
+    fixed = png_bytes(11, (44, 30))
+    local_storage.write_bytes(image("img-001"), fixed)
+    second = extract_features(table, local_storage.url("images"), config, local_storage, out)
+    assert local_storage.read_parquet(second.rejects_url).empty
+    assert second.num_images == 4
+    backbone = load_backbone("vgg19", weights="none", image_size=32)
+    store = FeatureStore(second.manifest_url, local_storage)
+    np.testing.assert_allclose(
+        store.read(["img-001"])[0], reference_features(backbone, fixed), rtol=1e-4, atol=1e-5
+    )
+    assert files[shard_name(1)].stat().st_mtime_ns == kept, "the other shard is reused"
+
+    kept = files[shard_name(0)].stat().st_mtime_ns
+    other = png_bytes(12, (43, 30))  # an accepted image replaced by another picture
+    local_storage.write_bytes(image("img-002"), other)
+    third = extract_features(table, local_storage.url("images"), config, local_storage, out)
+    store = FeatureStore(third.manifest_url, local_storage)
+    np.testing.assert_allclose(
+        store.read(["img-002"])[0], reference_features(backbone, other), rtol=1e-4, atol=1e-5
+    )
+    assert files[shard_name(0)].stat().st_mtime_ns == kept
+
+
 def test_bad_images_become_rejects_and_their_shard_completes(
     cluster: ClusterInfo, local_storage: Storage
 ) -> None:
@@ -554,27 +596,29 @@ def test_s3_round_trip_on_its_own_local_cluster(s3_server: S3Server, tmp_path: P
     pd.testing.assert_frame_equal(storage.read_parquet(again.manifest_url), manifest)
     pd.testing.assert_frame_equal(storage.read_parquet(again.rejects_url), rejects)
 
-    # New pictures under the old names make any recomputed shard visible in its features.
+    # Deleting one shard recomputes exactly that shard; a picture replaced in place under its
+    # old name recomputes the shard holding it (its stamp changed), and no other.
     storage.rm(manifest.shard_uri[1])
-    new_pictures = {i: png_bytes(100 + n, (50, 45)) for n, i in enumerate(ids)}
-    for image_id, data in new_pictures.items():
-        storage.write_bytes(storage.url("images", f"{image_id}.png"), data)
+    new_picture = png_bytes(100, (50, 45))
+    storage.write_bytes(storage.url("images", f"{ids[4]}.png"), new_picture)
     third = extract_features(table_with_absent, storage.url("images"), config, storage, out)
     manifest_after = storage.read_parquet(third.manifest_url)
-    kept = manifest.shard_index != 1
+    kept = manifest.shard_index.isin([0, 3])
     pd.testing.assert_frame_equal(manifest_after[kept], manifest[kept])
-    assert (
-        manifest_after.sha256[1]
-        == hashlib.sha256(storage.read_bytes(manifest.shard_uri[1])).hexdigest()
-    )
-    reread = FeatureStore(third.manifest_url, storage).read(ids)
-    np.testing.assert_array_equal(reread[[0, 1, 4]], got[::-1][[0, 1, 4]])
-    for number in (2, 3):
-        expected = reference_features(reference, new_pictures[ids[number]])
-        np.testing.assert_allclose(
-            reread[number].astype(np.float32), expected, rtol=2e-2, atol=2e-2
+    for index in (1, 2):
+        assert (
+            manifest_after.sha256[index]
+            == hashlib.sha256(storage.read_bytes(manifest.shard_uri[index])).hexdigest()
         )
-        assert not np.allclose(reread[number], got[::-1][number], atol=0.1)
+    reread = FeatureStore(third.manifest_url, storage).read(ids)
+    np.testing.assert_array_equal(reread[[0, 1]], got[::-1][[0, 1]])
+    for number in (2, 3):
+        np.testing.assert_allclose(
+            reread[number].astype(np.float32), got[::-1][number].astype(np.float32), atol=2e-2
+        )
+    expected = reference_features(reference, new_picture)
+    np.testing.assert_allclose(reread[4].astype(np.float32), expected, rtol=2e-2, atol=2e-2)
+    assert not np.allclose(reread[4], got[::-1][4], atol=0.1)
 
 
 def test_threaded_local_cluster_in_this_process_shows_progress_and_the_dashboard(

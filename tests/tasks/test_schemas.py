@@ -19,6 +19,7 @@ from tasks.schemas import (
     ObjectBoxes,
     Rejects,
     SchemaError,
+    SourceFile,
     Vocabulary,
     label_matrix,
     validate,
@@ -82,6 +83,7 @@ def feature_manifest() -> pd.DataFrame:
             "sha256": [SHA, SHA],
             "size_bytes": [12345, 999],
             "ids_sha256": [SHA, SHA],
+            "images_sha256": [SHA, SHA],
         }
     )
 
@@ -279,3 +281,35 @@ def test_every_table_round_trips_through_storage(storage: Storage) -> None:
         back = validate(storage.read_parquet(url), model, stage="read")
         for column in frame.columns:
             assert back[column].tolist() == frame[column].tolist(), (model.__name__, column)
+
+
+@pytest.mark.parametrize(
+    ("source", "first", "third"),
+    [
+        (SourceFile("in/labels.csv", header_lines=1), "line 2", "line 4"),
+        (SourceFile("in/lists.txt", header_lines=0), "line 1", "line 3"),
+        ("in/labels.parquet", "row 1", "row 3"),
+    ],
+    ids=["csv-with-header", "text-without-header", "parquet"],
+)
+def test_errors_name_the_file_and_count_rows_from_one(
+    source: SourceFile | str, first: str, third: str
+) -> None:
+    bad = label_table()
+    bad["split"] = ["nope", "train", "nope2"]
+    with pytest.raises(SchemaError) as caught:
+        validate(bad, LabelTable, stage="dataset", source=source)
+    message = str(caught.value)
+    url = source if isinstance(source, str) else source.url
+    assert message.startswith(f"dataset: LabelTable table {url} is invalid:")
+    assert f"{first}: 'nope'" in message and f"{third}: 'nope2'" in message
+    unknown = label_table()
+    unknown.at[2, "positives"] = ["unicorn"]
+    with pytest.raises(SchemaError, match=rf"{url}.*\n.*{third}: 'unicorn'"):
+        validate(unknown, LabelTable, stage="dataset", vocabulary=vocabulary(), source=source)
+
+
+def test_a_manifest_written_before_images_sha256_existed_still_validates() -> None:
+    """Older manifests lack the column; their shards are recomputed, not refused."""
+    old = GOOD[FeatureManifest]().drop(columns="images_sha256")
+    assert "images_sha256" not in validate(old, FeatureManifest, stage="t").columns

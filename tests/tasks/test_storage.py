@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import pandas as pd
 import pytest
+from botocore.exceptions import NoCredentialsError
+from prefect.blocks.system import Secret
+from prefect.testing.utilities import prefect_test_harness
 from pydantic import ValidationError
 
-from tasks.storage import Storage, StorageConfig, StorageError
+from tasks.storage import CredentialsError, Storage, StorageConfig, StorageError
+
+if TYPE_CHECKING:
+    from tests.conftest import S3Server
 
 SECRET = "s3cr3t-value-never-shown"
 
@@ -24,14 +33,12 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
         return Storage(StorageConfig(root=str(tmp_path / "root"), cache_dir=str(tmp_path / "c")))
     if request.param == "file-url":
         return Storage(StorageConfig(root=f"file://{tmp_path}/root", cache_dir=str(tmp_path / "c")))
-    server = request.getfixturevalue("s3_server")
+    server = request.getfixturevalue("s3_server")  # its credentials are in the environment
     return Storage(
         StorageConfig(
             root=f"s3://{server.bucket}/{uuid.uuid4().hex}",
             endpoint_url=server.endpoint_url,
             region=server.region,
-            key=server.key,
-            secret=server.secret,
             cache_dir=str(tmp_path / "cache"),
         )
     )
@@ -127,13 +134,8 @@ def _raw_objects(storage: Storage) -> list[str]:
     """Every object under the root, temporaries included, listed without going through Storage."""
     config = storage.config
     if storage.root.startswith("s3://"):
-        assert config.key is not None and config.secret is not None
         fs = fsspec.filesystem(
-            "s3",
-            key=config.key.get_secret_value(),
-            secret=config.secret.get_secret_value(),
-            client_kwargs={"endpoint_url": config.endpoint_url},
-            skip_instance_cache=True,
+            "s3", client_kwargs={"endpoint_url": config.endpoint_url}, skip_instance_cache=True
         )
         return sorted(fs.find(storage.root))
     root = Path(storage.root.removeprefix("file://"))
@@ -194,13 +196,15 @@ def test_storage_is_picklable(storage: Storage) -> None:
     assert clone.root == storage.root
 
 
-def test_credentials_never_shown(tmp_path: Path) -> None:
-    config = StorageConfig(root="s3://bucket/prefix", key="AKIAEXAMPLE", secret=SECRET)
+def test_credentials_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    config = StorageConfig(root="s3://bucket/prefix")
     storage = Storage(config)
     for text in (repr(config), str(config), config.model_dump_json(), repr(storage)):
         assert SECRET not in text
         assert "AKIAEXAMPLE" not in text
-    assert config.secret is not None and config.secret.get_secret_value() == SECRET
+    assert storage._options("s3")["secret"] == SECRET
 
 
 def test_unknown_config_key_is_rejected() -> None:
@@ -210,15 +214,30 @@ def test_unknown_config_key_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"secret_access_key": SECRET}, {"secret": 12345678}, {"key": ["AKIA", SECRET]}],
-    ids=["misspelt-key", "wrong-type", "list"],
+    [
+        {"secret": SECRET},
+        {"key": "AKIAEXAMPLE"},
+        {"secret_access_key": SECRET},
+        {"aws_session_token": SECRET},
+        {"Token": ["AKIA", SECRET]},
+    ],
+    ids=["secret", "key", "misspelt", "session-token", "list"],
 )
-def test_config_errors_name_the_key_but_never_echo_the_value(fields: dict[str, object]) -> None:
+def test_secrets_in_a_storage_config_are_refused_saying_how_to_pass_them(
+    fields: dict[str, object],
+) -> None:
     with pytest.raises(ValidationError) as caught:
         StorageConfig(root="s3://bucket", **fields)  # type: ignore[arg-type]
     message = str(caught.value)
     assert next(iter(fields)) in message
-    assert SECRET not in message and "12345678" not in message
+    assert "AWS_SECRET_ACCESS_KEY" in message and "storage.credentials_block" in message
+    assert SECRET not in message and "AKIAEXAMPLE" not in message
+
+
+def test_config_errors_never_echo_the_value() -> None:
+    with pytest.raises(ValidationError) as caught:
+        StorageConfig(root="s3://bucket", region=12345678)  # type: ignore[arg-type]
+    assert "region" in str(caught.value) and "12345678" not in str(caught.value)
 
 
 @pytest.mark.slow
@@ -239,3 +258,48 @@ def test_local_copy_of_missing_local_file_names_it(tmp_path: Path) -> None:
     storage = Storage(StorageConfig(root=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match=r"missing\.h5"):
         storage.local_copy(storage.url("missing.h5"))
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.mark.slow
+def test_credentials_come_from_a_named_prefect_secret_block(
+    s3_server: S3Server, prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without AWS_* in the environment, S3 works with the block's credentials only."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    block = f"lesa-s3-{uuid.uuid4().hex[:8]}"
+    Secret(
+        value=json.dumps(
+            {"aws_access_key_id": s3_server.key, "aws_secret_access_key": s3_server.secret}
+        )
+    ).save(block)
+    settings = {
+        "root": f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
+        "endpoint_url": s3_server.endpoint_url,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    without = Storage(StorageConfig(**settings))
+    with pytest.raises(NoCredentialsError):
+        without.write_json(without.url("x.json"), {"ok": True})
+
+    storage = Storage(StorageConfig(**settings, credentials_block=block))
+    storage.write_json(storage.url("x.json"), {"ok": True})
+    assert storage.read_json(storage.url("x.json")) == {"ok": True}
+    assert s3_server.secret not in repr(storage) + storage.config.model_dump_json()
+    clone = pickle.loads(pickle.dumps(storage))  # what a Dask worker gets: no block lookup
+    assert clone.read_json(storage.url("x.json")) == {"ok": True}
+
+    with pytest.raises(CredentialsError, match="no Prefect Secret block"):
+        Storage(StorageConfig(**settings, credentials_block="no-such-block"))
+    Secret(value=json.dumps({"user": SECRET})).save(f"{block}-bad")
+    with pytest.raises(CredentialsError, match="aws_access_key_id and aws_secret_access_key") as e:
+        Storage(StorageConfig(**settings, credentials_block=f"{block}-bad"))
+    assert SECRET not in str(e.value)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from prefect.states import Failed
 
-from tasks.retries import retry_unless_bad_input
+from tasks.retries import retry_if_transient
 from tasks.storage import Storage, StorageConfig, StorageTimeoutError
 
 
@@ -124,4 +124,4 @@ def test_a_timeout_is_transient_for_the_retry_rule(silent_server: str) -> None:
     with pytest.raises(StorageTimeoutError) as raised:
         storage.exists(storage.url("x"))
     assert isinstance(raised.value, TimeoutError) and not isinstance(raised.value, ValueError)
-    assert retry_unless_bad_input(None, None, Failed(data=raised.value)) is True
+    assert retry_if_transient(None, None, Failed(data=raised.value)) is True

@@ -15,9 +15,9 @@ from lesa_model.checkpoint import load_checkpoint, load_model
 from lesa_model.trainer import Trainer
 from tasks import schemas
 from tasks.config import PipelineConfig, load_config
-from tasks.datasets import DatasetArtifacts
+from tasks.datasets import DatasetArtifacts, DatasetError
 from tasks.embeddings import EmbeddingResult
-from tasks.feature_reader import FEATURES_DATASET, IMAGE_IDS_DATASET, ids_sha256
+from tasks.feature_reader import FEATURES_DATASET, IMAGE_IDS_DATASET, FeatureStore, ids_sha256
 from tasks.features import FeatureSet, feature_key
 from tasks.prediction import checkpoint_features
 from tasks.storage import Storage, StorageConfig
@@ -258,6 +258,28 @@ def test_a_new_seen_label_retrains_from_scratch(local: Synthetic) -> None:
     assert "bus" in load_model(second.checkpoints["final"])[1]["seen_labels"]
 
 
+def _with_features_changed(inputs: Synthetic, image_id: str) -> Synthetic:
+    """The same feature set with one image's features recomputed to other values."""
+    store = FeatureStore(inputs.features.manifest_url, inputs.storage)
+    ids = list(store.image_ids)
+    values = store.read(ids)
+    values[ids.index(image_id)] += 1.0
+    prefix = inputs.features.manifest_url.rsplit("/", 1)[0]
+    features = write_feature_set(inputs.storage, prefix, ids, values, shard_size=16)
+    return Synthetic(inputs.config, inputs.storage, inputs.tables, features, inputs.embeddings)
+
+
+def test_recomputed_features_of_a_training_image_retrain(local: Synthetic) -> None:
+    """Features recomputed for an image fixed or replaced in place are a new training input;
+    a shard holding only test images is not."""
+    first = train(local)
+    test_only = _with_features_changed(local, "img-040")
+    assert train(test_only).reused
+    second = train(_with_features_changed(test_only, "img-003"))
+    assert not second.reused
+    assert second.training_key != first.training_key
+
+
 def test_a_different_trainer_setting_changes_the_key(tmp_path: Path) -> None:
     six = train(synthetic(str(tmp_path / "a"), cache_dir=tmp_path / "c1", steps=6))
     four = train(synthetic(str(tmp_path / "a"), cache_dir=tmp_path / "c1", steps=4))
@@ -284,6 +306,67 @@ def test_tables_are_validated_at_the_boundary(local: Synthetic) -> None:
         load_tables(storage, artifacts)
     storage.write_parquet(labels_url, local.tables.labels)
     assert len(load_tables(storage, artifacts).labels) == len(local.tables.labels)
+
+
+def _stored(local: Synthetic, labels: pd.DataFrame, vocabulary: pd.DataFrame) -> DatasetArtifacts:
+    storage = local.storage
+    artifacts = DatasetArtifacts(
+        name="synthetic",
+        label_table_url=storage.url("datasets", "synthetic", "labels.parquet"),
+        vocabulary_url=storage.url("datasets", "synthetic", "vocabulary.parquet"),
+        images_prefix=storage.url("images"),
+    )
+    storage.write_parquet(artifacts.label_table_url, labels)
+    storage.write_parquet(artifacts.vocabulary_url, vocabulary)
+    return artifacts
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("no-test", "dataset synthetic has no test images"),
+        ("no-unseen", "dataset synthetic has no unseen labels to evaluate zero-shot"),
+        ("no-train", "dataset synthetic has no train images"),
+    ],
+)
+def test_a_dataset_a_run_cannot_use_fails_when_its_tables_load(
+    local: Synthetic, change: str, match: str
+) -> None:
+    """Found only after extraction before: checked where the label table is validated."""
+    labels, vocabulary = local.tables.labels, local.tables.vocabulary
+    if change == "no-test":
+        labels = labels[labels["split"] != "test"]
+    elif change == "no-train":
+        labels = labels[labels["split"] != "train"]
+    else:
+        vocabulary = vocabulary[vocabulary["seen"]]
+        unseen = set(local.tables.unseen_labels)
+        labels = labels.assign(
+            positives=labels["positives"].map(lambda ls: [x for x in ls if x not in unseen])
+        )
+    with pytest.raises(DatasetError, match=match):
+        load_tables(local.storage, _stored(local, labels, vocabulary))
+
+
+def test_unseen_labels_on_train_rows_are_warned_about_with_the_count(
+    local: Synthetic, caplog: pytest.LogCaptureFixture
+) -> None:
+    labels = local.tables.labels.copy()
+    unseen = local.tables.unseen_labels[0]
+    for row in (0, 1, 25):  # two train rows and one val row
+        labels.at[row, "positives"] = [*labels.at[row, "positives"], unseen]
+    with caplog.at_level("WARNING"):
+        load_tables(local.storage, _stored(local, labels, local.tables.vocabulary))
+    assert "3 train/val image(s) list unseen labels (3 annotations" in caplog.text
+    assert unseen in caplog.text
+
+
+def test_a_broken_stored_table_names_its_file(local: Synthetic) -> None:
+    broken = local.tables.labels.copy()
+    broken.loc[4, "split"] = "holdout"
+    artifacts = _stored(local, broken, local.tables.vocabulary)
+    with pytest.raises(schemas.SchemaError, match=r"labels\.parquet is invalid:[^$]*row 5"):
+        load_tables(local.storage, artifacts)
 
 
 def test_mirror_uploads_finished_checkpoints_and_prunes_steps(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import shutil
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from pydantic import ValidationError
 
 from tasks import schemas
 from tasks.datasets import emoji_scenes as es
-from tasks.datasets.base import DatasetArtifacts
+from tasks.datasets.base import DatasetArtifacts, load_prepared
 from tasks.datasets.emoji_vocabulary import FAMILIES, emoji_labels
 from tasks.embeddings import load_keyed_vectors
 from tasks.fonts import find_emoji_font
@@ -355,3 +357,21 @@ def test_dataset_round_trips_through_s3(s3_server) -> None:
     for uri in labels["uri"]:
         image = Image.open(io.BytesIO(storage.read_bytes(f"{artifacts.images_prefix}/{uri}")))
         assert image.size == (config.image_size, config.image_size)
+
+
+def test_the_font_and_word_vectors_are_versioned_inputs(tmp_path: Path) -> None:
+    font = tmp_path / "emoji.ttf"
+    shutil.copy(find_emoji_font(), font)
+    config = es.EmojiScenesConfig(
+        **{**TINY, "num_train": 3, "num_val": 0, "num_test": 2, "font_path": str(font)}
+    )
+    storage = Storage(StorageConfig(root=str(tmp_path / "store"), cache_dir=str(tmp_path / "c")))
+    artifacts = es.prepare_emoji_scenes(config, storage)
+    inputs = storage.read_json(storage.url("datasets", config.name, "dataset.json"))["inputs"]
+    assert inputs[str(font)].startswith("sha256:")
+    assert any(url.endswith("glove_6B_50d_emb.npy") for url in inputs)
+    os.utime(font, ns=(1, 1))  # touched, same bytes: still the same dataset
+    assert load_prepared(storage, config.name, config) == artifacts
+    with open(font, "ab") as handle:  # another font file under the same name
+        handle.write(b"\0")
+    assert load_prepared(storage, config.name, config) is None

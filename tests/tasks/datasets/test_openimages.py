@@ -76,9 +76,15 @@ def storage(tmp_path: Path) -> Storage:
 
 
 @pytest.mark.parametrize("header", [False, True])
-def test_parses_to_expected_annotations(tmp_path: Path, storage: Storage, header: bool) -> None:
+def test_parses_to_expected_annotations(
+    tmp_path: Path, storage: Storage, header: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     root = write_openimages(tmp_path / "oi", header=header)
-    artifacts = prepare_openimages(config_for(root), storage)
+    with caplog.at_level("WARNING"):
+        artifacts = prepare_openimages(config_for(root), storage)
+    assert "open-images train: 1 annotation(s) of unseen classes on 1 image(s) ignored" in (
+        caplog.text
+    )
     labels = storage.read_parquet(artifacts.label_table_url)
     vocabulary = storage.read_parquet(artifacts.vocabulary_url)
 
@@ -162,3 +168,27 @@ def test_malformed_class_descriptions_are_named(
     with pytest.raises(DatasetError, match=rf"class descriptions .*{match}"):
         prepare_openimages(config_for(root), storage)
     assert not storage.exists(storage.url("datasets", "oi-mini", "dataset.json"))
+
+
+def test_a_label_csv_edited_in_place_drops_the_old_positive(
+    tmp_path: Path, storage: Storage
+) -> None:
+    root = write_openimages(tmp_path / "oi")
+    config = config_for(root)
+    names = ["Ankle boot", "Human face", "Crane (/m/04)"]
+
+    def img2() -> list[int]:
+        labels = storage.read_parquet(prepare_openimages(config, storage).label_table_url)
+        return schemas.label_matrix(labels[labels["image_id"] == "img2"], names)[0].tolist()
+
+    assert img2() == [0, 0, 1]
+    train = root / "train-annotations-human-imagelabels.csv"
+    train.write_text(train.read_text().replace("/m/04,1", "/m/04,0"))  # same size
+    assert img2() == [0, 0, -1]
+
+
+def test_bad_confidence_names_the_line_of_the_csv(tmp_path: Path, storage: Storage) -> None:
+    """Line numbers count like an editor: the header is line 1, a blank line counts too."""
+    root = write_openimages(tmp_path / "oi", train=["img1,v,/m/01,1", "", "img2,v,/m/02,yes"])
+    with pytest.raises(DatasetError, match=r"e\.g\. line 4 = \['yes'\]"):
+        prepare_openimages(config_for(root), storage)

@@ -15,7 +15,7 @@ from tasks.datasets import (
     TableConfig,
     prepare_dataset,
 )
-from tasks.datasets.base import DatasetArtifacts, DatasetError, input_checksums, load_prepared
+from tasks.datasets.base import DatasetArtifacts, DatasetError, load_prepared
 from tasks.storage import Storage, StorageConfig
 
 ADAPTER = TypeAdapter(DatasetConfig)
@@ -82,8 +82,7 @@ def test_dispatch_writes_then_skips(tmp_path: Path, storage: Storage) -> None:
         vocabulary_url=storage.url("datasets/t/vocabulary.parquet"),
         images_prefix=str(tmp_path),
     )
-    inputs = input_checksums(storage, {"labels": config.labels, "vocabulary": config.vocabulary})
-    assert load_prepared(storage, "t", config, inputs) == artifacts
+    assert load_prepared(storage, "t", config) == artifacts
     assert prepare_dataset(config, storage) == artifacts
     # The user's files are the dataset's version: without them a rerun cannot tell it is current.
     (tmp_path / "labels.csv").unlink()
@@ -91,7 +90,7 @@ def test_dispatch_writes_then_skips(tmp_path: Path, storage: Storage) -> None:
         prepare_dataset(config, storage)
     # A corrupted output is detected, so the caller rebuilds.
     storage.write_bytes(artifacts.label_table_url, b"garbage")
-    assert load_prepared(storage, "t", config, inputs) is None
+    assert load_prepared(storage, "t", config) is None
 
 
 def test_unknown_source_object_is_refused(storage: Storage) -> None:
@@ -110,7 +109,6 @@ def test_unreadable_marker_rebuilds(tmp_path: Path, storage: Storage, marker: by
     marker_url = storage.url("datasets/t/dataset.json")
     written = storage.read_json(marker_url)
     storage.write_bytes(marker_url, marker)
-    inputs = input_checksums(storage, {"labels": config.labels, "vocabulary": config.vocabulary})
-    assert load_prepared(storage, "t", config, inputs) is None
+    assert load_prepared(storage, "t", config) is None
     assert prepare_dataset(config, storage) == artifacts
     assert storage.read_json(marker_url) == written

@@ -135,6 +135,63 @@ def test_bad_input_is_named(
 
 
 @pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        # Header = line 1, so data row 3 is line 4; blank lines count as lines.
+        (LABELS_CSV + "a/4.jpg,train,unicorn,,true\n", r"(?s)labels\.csv .*line 5: 'unicorn'"),
+        (LABELS_CSV + "\n\na/4.jpg,holdout,cat,,true\n", r"(?s)labels\.csv .*line 7: 'holdout'"),
+        (LABELS_CSV + "a/1.png,train,cat,,true\n", r"duplicate image ids \['a/1'\] at line 2, l"),
+        (LABELS_CSV + ",train,cat,,true\n", r"empty uri at line 5"),
+        (LABELS_CSV + "a/5.jpg,train,cat,,perhaps\n", r"'complete' .*\['perhaps'\] at line 5"),
+    ],
+    ids=["unknown-label", "bad-split-after-blank-lines", "duplicate-id", "empty-uri", "flag"],
+)  # fmt: skip
+def test_errors_name_the_file_and_the_line_a_person_sees(
+    tmp_path: Path, storage: Storage, labels: str, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        prepare_table(_write(tmp_path, labels), storage)
+
+
+def test_parquet_errors_count_rows_from_one(tmp_path: Path, storage: Storage) -> None:
+    pd.DataFrame({"label": ["cat", "dog", "cat"], "seen": [True, False, True]}).to_parquet(
+        tmp_path / "vocab.parquet"
+    )
+    config = _write(tmp_path).model_copy(update={"vocabulary": str(tmp_path / "vocab.parquet")})
+    match = r"(?s)vocab\.parquet .*row 1: 'cat'.*row 3: 'cat'"
+    with pytest.raises(schemas.SchemaError, match=match):
+        prepare_table(config, storage)
+
+
+@pytest.mark.parametrize(
+    ("vocabulary", "match"),
+    [
+        (
+            pd.DataFrame({"label": ["cat", None, "dog"], "seen": [True, False, False]}),
+            r"vocab\.parquet: empty or null label at row 2",
+        ),
+        (
+            pd.DataFrame({"label": ["cat", float("nan")], "seen": [True, False]}),
+            r"empty or null label at row 2",
+        ),
+        (
+            pd.DataFrame({"label": pd.Series([], dtype=str), "seen": pd.Series([], dtype=bool)}),
+            r"vocab\.parquet lists no labels",
+        ),
+    ],
+    ids=["none", "nan", "empty"],
+)
+def test_null_or_no_labels_in_a_parquet_vocabulary_are_named(
+    tmp_path: Path, storage: Storage, vocabulary: pd.DataFrame, match: str
+) -> None:
+    """Was an AttributeError (retried twice) and a dtype error about `tokens`."""
+    vocabulary.to_parquet(tmp_path / "vocab.parquet")
+    config = _write(tmp_path).model_copy(update={"vocabulary": str(tmp_path / "vocab.parquet")})
+    with pytest.raises(DatasetError, match=match):
+        prepare_table(config, storage)
+
+
+@pytest.mark.parametrize(
     "bad_labels",
     [
         LABELS_CSV + "a/4.jpg,train,unicorn,,true\n",
