@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -213,6 +214,7 @@ def tune_mean_pool(
     candidates: Sequence[MeanPoolCandidate],
     checkpoint_root: str | Path,
     ks: Sequence[int] = (),
+    metadata: dict[str, Any] | None = None,
 ) -> MeanPoolFit:
     """Train the mean-pool baseline for every candidate and keep the best on validation.
 
@@ -222,7 +224,8 @@ def tune_mean_pool(
     projections; its ``best.pt`` is chosen by the selection rule, and the candidate with the
     best selection value wins (the later on ties). Checkpoints go to
     ``checkpoint_root/<candidate>/``; the winner's model is returned loaded from its best (or,
-    without validation, final) checkpoint, ready to score full region features.
+    without validation, final) checkpoint, ready to score full region features. ``metadata``
+    goes into every checkpoint, with the candidate's name.
     """
     if not candidates:
         raise ValueError("tune_mean_pool needs at least one candidate")
@@ -247,6 +250,7 @@ def tune_mean_pool(
             trainer_run,
             loss_cfg.model_copy(update={"l2": l2}),
             Path(checkpoint_root) / candidate.name,
+            metadata={**(metadata or {}), "candidate": candidate.name},
             val_ks=ks,
         )
         result = trainer.fit(train_source, val_source)
