@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pandas as pd
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -22,6 +23,7 @@ from tasks.evaluation import EvaluationResult
 METRICS_ARTIFACT_KEY = "lesa-metrics"
 SUMMARY_ARTIFACT_KEY = "lesa-summary"
 REPORT_ARTIFACT_KEY = "lesa-report"
+ABLATION_ARTIFACT_KEY = "lesa-ablation"
 
 MethodMetrics = Mapping[str, Mapping[str, Mapping[str, float]]]
 
@@ -117,3 +119,32 @@ def _slug(name: str) -> str:
 def _as_link(url: str) -> str:
     """Local paths become ``file://`` URLs so the UI renders them as links."""
     return f"file://{url}" if url.startswith("/") else url
+
+
+def publish_ablation_artifacts(
+    run_name: str, summary: pd.DataFrame, markdown: str, report_urls: Mapping[str, str]
+) -> None:
+    """Attach the ablation: its summary table, the Markdown report with the plot, file links."""
+    create_table_artifact(
+        key=f"{ABLATION_ARTIFACT_KEY}-table",
+        table=[
+            {key: round(100 * value, 2) if isinstance(value, float) else value
+             for key, value in row.items()}
+            for row in summary.to_dict(orient="records")
+        ],
+        description=f"Ablation of run {run_name}: mean and std over seeds (%)",
+    )  # fmt: skip
+    plot = report_urls.get("ablation.png")
+    figure = [f"![ZSL against GZSL mAP per variant]({_as_link(plot)})", ""] if plot else []
+    create_markdown_artifact(
+        key=ABLATION_ARTIFACT_KEY,
+        markdown="\n".join([markdown, *figure]),
+        description=f"Ablation of run {run_name}",
+    )
+    for name, url in report_urls.items():
+        create_link_artifact(
+            key=f"{ABLATION_ARTIFACT_KEY}-{_slug(name)}",
+            link=_as_link(url),
+            link_text=name,
+            description=f"{run_name} ablation: {name}",
+        )

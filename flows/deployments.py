@@ -1,4 +1,4 @@
-"""The ``lesa/full-pipeline`` deployment, served from this repository.
+"""The ``lesa/full-pipeline`` and ``lesa/ablation`` deployments, served from this repository.
 
     python -m flows.deployments [--config configs/default.yaml] [--cron "0 3 * * *"]
 
@@ -8,7 +8,8 @@ at ``PREFECT_API_URL`` and runs its flow runs in this process until stopped. Run
 from the optional cron schedule, or from the trigger on ``lesa.labels.updated`` (emitted by
 ``python -m flows.watch``), which passes the watched config and the change along. With
 ``--watch-every SECONDS`` the label watcher is served too, as ``lesa-watch-labels/poll`` on an
-interval schedule.
+interval schedule. ``lesa/ablation`` (``flows.ablation``) runs the config's ablation grid on
+demand (``prefect deployment run lesa/ablation -p config=...``); it has no trigger.
 
 Where the runs keep their data and extract features is the run config's ``storage.root`` and
 ``features.dask.address``, unless the serving process's environment sets ``LESA_STORAGE_ROOT``
@@ -28,6 +29,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
+from flows.ablation import ablation
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, warn_without_api
 from flows.full_pipeline import lesa
 from flows.watch import watch_labels
@@ -35,6 +37,7 @@ from tasks.events import LABELS_UPDATED_EVENT, RESOURCE_PREFIX
 from tasks.settings import environment_overrides
 
 DEPLOYMENT_NAME = "full-pipeline"
+ABLATION_DEPLOYMENT_NAME = "ablation"
 WATCH_DEPLOYMENT_NAME = "poll"
 
 
@@ -71,7 +74,15 @@ def build_deployments(
             description="LESA: dataset -> features -> embeddings -> train -> evaluate",
             tags=["lesa"],
             entrypoint_type=EntrypointType.MODULE_PATH,
-        )
+        ),
+        ablation.to_deployment(
+            name=ABLATION_DEPLOYMENT_NAME,
+            parameters=parameters,
+            concurrency_limit=1,
+            description="LESA ablation: loss terms, M, normalisation, selection; seeds on Dask",
+            tags=["lesa"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
     ]
     if watch_every is not None:
         deployments.append(
@@ -93,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m flows.deployments",
         description=(
             "Serve the lesa/full-pipeline deployment (flow 'lesa') with its trigger on the "
-            f"'{LABELS_UPDATED_EVENT}' event, against the Prefect server at PREFECT_API_URL. "
+            f"'{LABELS_UPDATED_EVENT}' event, and lesa/ablation, against the Prefect server at "
+            "PREFECT_API_URL. "
             "Runs execute in this process until Ctrl-C."
         ),
     )

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 
 from flows.artifacts import print_run, publish_run_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
-from tasks.baselines import mean_pool_config
+from tasks.baselines import fit_eszsl_task, train_mean_pool_task
 from tasks.config import Overrides, PipelineConfig, check_input_files, load_config
 from tasks.datasets import prepare_dataset_task
 from tasks.embeddings import EmbeddingResult, embed_labels_task
@@ -101,17 +101,10 @@ def lesa(
         cfg, storage, tables=tables, features=features, embeddings=embeddings
     )
     baseline_checkpoints = {}
-    if "mean-pool" in cfg.evaluation.baselines:
-        mean_pool = train_model_task.with_options(name="train-mean-pool-baseline")(
-            cfg,
-            storage,
-            tables=tables,
-            features=features,
-            embeddings=embeddings,
-            model_config=mean_pool_config(cfg.model),
-            baseline="mean-pool",
-        )
-        baseline_checkpoints["mean-pool"] = mean_pool.checkpoints[cfg.evaluation.checkpoint]
+    for name, trainer in (("mean-pool", train_mean_pool_task), ("eszsl", fit_eszsl_task)):
+        if name in cfg.evaluation.baselines:
+            urls = trainer(cfg, storage, tables=tables, features=features, embeddings=embeddings)
+            baseline_checkpoints[name] = urls[cfg.evaluation.checkpoint]
     evaluation = evaluate_checkpoint_task(
         cfg.evaluation,
         storage,

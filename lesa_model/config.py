@@ -82,8 +82,11 @@ class LossConfig(StrictModel):
         return self
 
 
-SELECTION_METRIC = r"^(mAP|F1@[1-9][0-9]*)$"
-"""``mAP`` or ``F1@K``: the validation metric that picks ``best.pt`` and drives the schedule."""
+SEEN_METRIC = r"^(mAP|F1@[1-9][0-9]*)$"
+"""``mAP`` or ``F1@K``: a validation metric of the (kept) seen labels."""
+SELECTION_METRIC = r"^(mAP|F1@[1-9][0-9]*|mix)$"
+"""A seen-label metric, or ``mix``: the validation value that picks ``best.pt`` and drives the
+schedule."""
 
 
 class TrainerConfig(StrictModel):
@@ -104,6 +107,13 @@ class TrainerConfig(StrictModel):
     newest value); whenever the average drops, the rate is multiplied by ``plateau_factor``, and
     the next ``plateau_patience - 1`` validations cannot decay it again; no decay once the rate is
     below ``plateau_min_lr_ratio`` x ``lr`` (release ``core/utils.py`` ``LearningRate.adapt``).
+
+    Zero-shot-aware selection (``lesa_model.selection``; off by default, so both presets are
+    untouched): ``holdout_share`` of the training labels, drawn by ``holdout_seed``, are held out
+    as pseudo-unseen (their annotations are 0 in every training batch) and ranked zero-shot on
+    the validation split (``val_holdout_mAP``); the seen metrics then cover the kept labels only.
+    ``select: mix`` keeps ``select_weight * val_holdout_mAP + (1 - select_weight) *
+    val_<select_seen>``.
     """
 
     optimizer: Literal["paper", "release"] = "paper"
@@ -128,6 +138,16 @@ class TrainerConfig(StrictModel):
     val_every: PositiveInt = 4_000
     validate_first_step: bool = False
     select: str = Field(default="F1@5", pattern=SELECTION_METRIC)
+    select_seen: str = Field(
+        default="F1@5", pattern=SEEN_METRIC, description="The seen-label metric of select: mix."
+    )
+    select_weight: float = Field(
+        default=0.5, ge=0, le=1, description="Weight of val_holdout_mAP in select: mix."
+    )
+    holdout_share: float = Field(
+        default=0.0, ge=0, lt=1, description="Share of training labels held out as pseudo-unseen."
+    )
+    holdout_seed: int = 0
     val_ema: float = Field(default=0.3, gt=0, le=1)
     lr_schedule: Literal["constant", "release-plateau"] = "constant"
     plateau_factor: float = Field(default=0.8, gt=0, lt=1)
@@ -139,7 +159,16 @@ class TrainerConfig(StrictModel):
     )
     log_every: PositiveInt = 100
 
+    @model_validator(mode="after")
+    def _mix_needs_held_out_labels(self) -> TrainerConfig:
+        if self.select == "mix" and self.holdout_share == 0:
+            raise ValueError(
+                "select: mix weighs the pseudo-unseen mAP, so it needs holdout_share > 0"
+            )
+        return self
+
     @property
     def select_k(self) -> int | None:
-        """K of an ``F1@K`` selection metric; None for mAP."""
-        return int(self.select.removeprefix("F1@")) if self.select.startswith("F1@") else None
+        """K of the ``F1@K`` the selection reads (``select_seen``'s under mix); None for mAP."""
+        seen = self.select_seen if self.select == "mix" else self.select
+        return int(seen.removeprefix("F1@")) if seen.startswith("F1@") else None

@@ -27,10 +27,15 @@ from lesa_model.config import LossConfig, TrainerConfig
 from lesa_model.data import BatchSource, batch_count
 from lesa_model.inference import score_with_labels
 from lesa_model.losses import LossTerms, lesa_loss
-from lesa_model.metrics import average_precision, precision_recall_f1_at_k
 from lesa_model.model import LESA, LesaOutput
 from lesa_model.optim import tf_rmsprop
 from lesa_model.schedule import ReleasePlateau
+from lesa_model.selection import (
+    HoldoutBatches,
+    holdout_columns,
+    selection_value,
+    validation_metrics,
+)
 from lesa_model.validation import as_float_features, check_label_vectors
 
 STEP_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
@@ -146,12 +151,15 @@ class Trainer:
         self.model = model.to(self.device)
         self.label_vectors = torch.as_tensor(label_vectors, dtype=torch.float32, device=self.device)
         check_label_vectors(self.label_vectors, model.label_dim)
+        num_labels = self.label_vectors.shape[0]
+        # Pseudo-unseen label columns (lesa_model.selection); empty unless asked for.
+        self.holdout = holdout_columns(num_labels, self.cfg.holdout_share, self.cfg.holdout_seed)
         self.val_ks = validation_ks(self.cfg, val_ks)
-        too_large = [k for k in self.val_ks if k > self.label_vectors.shape[0]]
+        too_large = [k for k in self.val_ks if k > num_labels - self.holdout.size]
         if too_large:
             raise ValueError(
                 f"validation F1@K with K = {too_large} is larger than the number of training "
-                f"labels ({self.label_vectors.shape[0]})"
+                f"labels kept ({num_labels - self.holdout.size})"
             )
         self.checkpoint_dir = Path(checkpoint_dir)
         self.metadata = dict(metadata or {})
@@ -203,6 +211,7 @@ class Trainer:
                 "sums": {key: float(value) for key, value in self._window.items()},
                 "steps": self._window_steps,
             },
+            "holdout": self.holdout.tolist(),
             "trainer_config": self.cfg.model_dump(),
             "loss_config": self.loss_cfg.model_dump(),
             "metadata": self.metadata,
@@ -285,7 +294,8 @@ class Trainer:
         return LossTerms(**{key: getattr(terms, key).detach() for key in LOSS_KEYS})
 
     def validate(self, val: BatchSource) -> dict[str, float]:
-        """mAP and F1@K (every K of ``val_ks``) on the validation source's (seen) labels."""
+        """mAP and F1@K (every K of ``val_ks``) on the validation source's kept (seen) labels,
+        and the pseudo-unseen labels' mAP when some are held out (``validation_metrics``)."""
         batch_size = max(self.cfg.batch_size, 256)
         scores, labels = score_with_labels(
             self.model, val, self.label_vectors, batch_size, progress=False
@@ -295,10 +305,7 @@ class Trainer:
                 f"validation labels have {labels.shape[1]} columns, the label vectors "
                 f"{scores.shape[1]}"
             )
-        metrics = {"val_mAP": float(average_precision(scores, labels).mean())}
-        for k in self.val_ks:
-            metrics[f"val_F1@{k}"] = precision_recall_f1_at_k(scores, labels, k)[2]
-        return metrics
+        return validation_metrics(scores, labels, self.holdout, self.val_ks)
 
     def _record(self, record: dict[str, float]) -> None:
         if self.history and self.history[-1]["step"] == record["step"]:
@@ -324,9 +331,11 @@ class Trainer:
         return record
 
     def _validate_and_select(self, val: BatchSource) -> None:
-        """Validate, feed the schedule, and keep ``best.pt`` on ``>=`` of the selection metric."""
+        """Validate, feed the schedule, and keep ``best.pt`` on ``>=`` of the selection value."""
         metrics = self.validate(val)
-        metric = metrics[f"val_{self.cfg.select}"]
+        metric = selection_value(metrics, self.cfg)
+        if self.cfg.select == "mix":
+            metrics["val_mix"] = metric
         if self.schedule is not None:
             self.schedule.step(metric)
             metrics |= {"val_ema": self.schedule.ema, "next_lr": self.schedule.lr}
@@ -373,6 +382,8 @@ class Trainer:
         """
         if train.num_images < 1:
             raise ValueError("the training source holds no images")
+        if self.holdout.size:
+            train = HoldoutBatches(train, self.holdout)
         self._start(resume)
         total = self.total_steps(train)
         bar = tqdm(

@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, WithJsonSchema, model_validator
 
 from lesa_model.config import LossConfig, ModelConfig, StrictModel, TrainerConfig
+from tasks.ablation import AblationConfig
 from tasks.backbones import PRETRAINED, RANDOM
 from tasks.datasets import DatasetConfig
 from tasks.embeddings import GLOVE_FILE_PREFIX, EmbeddingConfig
@@ -87,14 +88,16 @@ class PipelineConfig(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
 
     @model_validator(mode="after")
     def _one_k_setting(self) -> PipelineConfig:
         """Validation and evaluation report F1 at the same K: the selection must be one of them."""
         k = self.train.select_k
         if k is not None and k not in self.evaluation.ks:
+            key = "train.select_seen" if self.train.select == "mix" else "train.select"
             raise ValueError(
-                f"train.select is F1@{k}, but evaluation.ks is {self.evaluation.ks}: select "
+                f"{key} is F1@{k}, but evaluation.ks is {self.evaluation.ks}: select "
                 f"F1 at one of those K (or mAP): validation and evaluation use one K setting"
             )
         return self

@@ -2,9 +2,10 @@
 
 The checkpoint is scored with the *current* vocabulary's label vectors, so labels added after
 training (unseen ones) are evaluated zero-shot without retraining. Baselines are scored on the
-same images and labels: random ranking, and the mean-pool model when its checkpoint is given
-(trained by ``tasks.training`` like LESA). When the dataset records object boxes, the pointing
-game measures whether each present label's attention peaks inside its box.
+same images and labels: random ranking, and the mean-pool model and the ESZSL map when their
+checkpoints are given (trained and tuned by ``tasks.baselines``). When the dataset records
+object boxes, the pointing game measures whether each present label's attention peaks inside
+its box.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from lesa_model.attention import PointingGameResult, centre_crop_box, pointing_game
+from lesa_model.baselines import pool_regions
 from lesa_model.checkpoint import load_model
 from lesa_model.config import StrictModel
 from lesa_model.inference import attention_for, score
@@ -26,7 +28,7 @@ from lesa_model.metrics import evaluate_zero_shot
 from lesa_model.model import LESA
 from tasks import reports
 from tasks.backbones import resize_side
-from tasks.baselines import BaselineName, random_ranking
+from tasks.baselines import BaselineName, BaselineTuning, load_eszsl, random_ranking
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FeatureSet, feature_key, resolve_uri
@@ -44,12 +46,14 @@ class EvaluationConfig(StrictModel):
     """What to report: top-K cut-offs, which checkpoint, and the baselines scored beside LESA.
 
     ``ks`` follow the paper: 3 and 5 on NUS-WIDE, 10 and 20 on Open Images. ``pointing_pairs``
-    caps the (image, label) pairs of the pointing game (0 turns it off).
+    caps the (image, label) pairs of the pointing game (0 turns it off). ``tuning`` holds the
+    grids the trained baselines are chosen from on validation (``tasks.baselines``).
     """
 
     ks: list[PositiveInt] = Field(default_factory=lambda: [3, 5], min_length=1)
     checkpoint: Literal["best", "final"] = "best"
-    baselines: list[BaselineName] = Field(default_factory=lambda: ["mean-pool", "random"])
+    baselines: list[BaselineName] = Field(default_factory=lambda: ["mean-pool", "eszsl", "random"])
+    tuning: BaselineTuning = Field(default_factory=BaselineTuning)
     batch_size: PositiveInt = 256
     seed: int = 0
     pointing_pairs: int = Field(default=5000, ge=0)
@@ -129,13 +133,19 @@ def _load_checkpoint(
     if not storage.exists(url):
         raise FileNotFoundError(f"checkpoint not found: {url}")
     model, metadata = load_model(storage.local_copy(url))
+    _check_metadata(url, metadata, expected)
+    return model
+
+
+def _check_metadata(
+    url: str, metadata: Mapping[str, object], expected: Mapping[str, object] | None
+) -> None:
     for key, value in (expected or {}).items():
         if key in metadata and metadata[key] != value:
             raise CheckpointMismatchError(
                 f"checkpoint {url} was trained with {key} = {metadata[key]!r}, but this run "
                 f"has {value!r}; evaluate it with the config it was trained with"
             )
-    return model
 
 
 def _image_size(storage: Storage, url: str) -> tuple[int, int]:
@@ -308,6 +318,10 @@ def _baseline_metrics(
     for name in config.baselines:
         if name == "random":
             scores = random_ranking(test.num_images, len(vectors), seed=config.seed)
+        elif name == "eszsl" and name in checkpoints:
+            fit, metadata = load_eszsl(storage, checkpoints[name])
+            _check_metadata(checkpoints[name], metadata, expected)
+            scores = fit.scores(pool_regions(test, config.batch_size)[0], vectors)
         elif name in checkpoints:
             model = _load_checkpoint(storage, checkpoints[name], expected)
             scores = score(model, test, vectors, batch_size=config.batch_size)

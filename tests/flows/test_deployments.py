@@ -7,7 +7,13 @@ from tasks.events import LABELS_UPDATED_EVENT
 
 
 def test_full_pipeline_deployment_has_the_trigger_and_no_schedule_by_default() -> None:
-    [deployment] = build_deployments(config="configs/tiny.yaml", overrides={"train.steps": 3})
+    deployment, ablation = build_deployments(
+        config="configs/tiny.yaml", overrides={"train.steps": 3}
+    )
+    assert (ablation.flow_name, ablation.name) == ("lesa", "ablation")
+    assert ablation.entrypoint == "flows.ablation.ablation"
+    assert ablation.parameters == deployment.parameters
+    assert not ablation.triggers and ablation.schedules in (None, [])
     assert deployment.flow_name == "lesa"
     assert deployment.name == "full-pipeline"
     assert deployment.entrypoint == "flows.full_pipeline.lesa"
@@ -20,7 +26,7 @@ def test_full_pipeline_deployment_has_the_trigger_and_no_schedule_by_default() -
 
 
 def test_cron_schedule_and_watcher_deployment_are_optional() -> None:
-    pipeline, watcher = build_deployments(cron="0 3 * * *", watch_every=300)
+    pipeline, _, watcher = build_deployments(cron="0 3 * * *", watch_every=300)
     assert pipeline.schedules[0].schedule.cron == "0 3 * * *"
     assert watcher.flow_name == "lesa-watch-labels"
     assert watcher.schedules[0].schedule.interval.total_seconds() == 300

@@ -7,9 +7,10 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from lesa_model.config import ModelConfig
+from lesa_model.baselines import mean_pool_setup
+from lesa_model.config import LossConfig, ModelConfig
 from lesa_model.model import LESA
-from tasks.baselines import mean_pool_config, random_ranking
+from tasks.baselines import random_ranking
 
 
 def test_random_ranking_is_seeded_and_shaped() -> None:
@@ -33,9 +34,9 @@ def test_random_ranking_map_is_about_the_positive_rate() -> None:
     np.testing.assert_allclose(ap, positive_rate, atol=0.03)
 
 
-def test_mean_pool_config_changes_only_pooling() -> None:
+def test_mean_pool_setup_changes_only_pooling() -> None:
     base = ModelConfig(num_modules=4, hidden_dim=16)
-    pooled = mean_pool_config(base)
+    pooled = mean_pool_setup(base, LossConfig())[0]
     assert pooled.pooling == "mean"
     assert pooled.model_dump(exclude={"pooling"}) == base.model_dump(exclude={"pooling"})
     assert base.pooling == "attention"
@@ -49,7 +50,7 @@ def test_mean_pool_model_sees_only_the_mean_region() -> None:
     flattened = features.mean(dim=1, keepdim=True).expand_as(features)
     vectors = torch.nn.functional.normalize(torch.randn(9, 8), dim=1)
     config = ModelConfig(num_modules=3, hidden_dim=16)
-    pooled = LESA(12, 8, mean_pool_config(config)).eval()
+    pooled = LESA(12, 8, mean_pool_setup(config, LossConfig())[0]).eval()
     attention = LESA(12, 8, config).eval()
     with torch.no_grad():
         scores = pooled(features, vectors).scores

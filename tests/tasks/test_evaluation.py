@@ -15,7 +15,7 @@ from test_training import SEEN, UNSEEN, Synthetic, synthetic, train
 
 from lesa_model.checkpoint import load_model
 from tasks.backbones import resize_side
-from tasks.baselines import mean_pool_config
+from tasks.baselines import BaselineTuning, fit_eszsl_baseline, load_eszsl, train_mean_pool
 from tasks.evaluation import (
     CheckpointMismatchError,
     EvaluationConfig,
@@ -164,19 +164,41 @@ def test_rejected_images_are_counted_by_reason_in_summary_and_report(
     assert "Rejected images: none" in evaluate(inputs, checkpoint).describe()
 
 
-def test_mean_pool_baseline_is_scored_from_its_checkpoint(trained: tuple[Synthetic, str]) -> None:
+def test_trained_baselines_are_tuned_saved_reused_and_scored(
+    trained: tuple[Synthetic, str],
+) -> None:
     inputs, checkpoint = trained
-    baseline = train(
-        inputs, model_config=mean_pool_config(inputs.config.model), baseline="mean-pool"
+    config = inputs.config.model_copy(deep=True)
+    config.evaluation.tuning = BaselineTuning(
+        mean_pool_lr=[1e-3, 1e-2], mean_pool_l2=[0.0], eszsl_gamma=[1.0, 10.0], eszsl_lam=[1.0]
     )
-    assert "/baselines/mean-pool/checkpoints/" in baseline.checkpoints["final"]
+    parts = {k: getattr(inputs, k) for k in ("tables", "features", "embeddings")}
+    mean_pool = train_mean_pool(config, inputs.storage, **parts)
+    eszsl = fit_eszsl_baseline(config, inputs.storage, **parts)
+    assert "/baselines/mean-pool/checkpoints/" in mean_pool["final"]
+    assert "/baselines/eszsl/checkpoints/" in eszsl["best"]
+    record = inputs.storage.read_json(mean_pool["best"].rsplit("/", 1)[0] + "/training.json")
+    assert set(record["trials"]) == {"lr0.001-steps6-l20", "lr0.01-steps6-l20"}
+    stamp = inputs.storage.read_bytes(eszsl["best"])
+    assert fit_eszsl_baseline(config, inputs.storage, **parts) == eszsl  # reused, not refitted
+    assert inputs.storage.read_bytes(eszsl["best"]) == stamp
+    model, metadata = load_model(inputs.storage.local_copy(mean_pool["best"]))
+    assert model.cfg.pooling == "mean" and metadata["baseline"] == "mean-pool"
     result = evaluate(
         inputs,
         checkpoint,
-        config=EvaluationConfig(ks=[2], baselines=["mean-pool"], pointing_pairs=0),
-        baseline_checkpoints={"mean-pool": baseline.checkpoints["final"]},
+        config=EvaluationConfig(ks=[2], baselines=["mean-pool", "eszsl"], pointing_pairs=0),
+        baseline_checkpoints={"mean-pool": mean_pool["best"], "eszsl": eszsl["best"]},
     )
-    assert set(result.metrics) == {"LESA", "mean-pool"}
+    assert set(result.metrics) == {"LESA", "mean-pool", "eszsl"}
+    fit, _ = load_eszsl(inputs.storage, eszsl["best"])
+    ids, features = features_from_shards(inputs)
+    names = SEEN + UNSEEN
+    vectors = inputs.embeddings.vectors(names)
+    scores = fit.scores(features.astype(np.float32).mean(axis=1), vectors)
+    truth = truth_matrix(inputs.tables, ids, names)
+    expected = reference_metrics(scores, truth, list(range(len(SEEN), len(names))), 2)
+    assert result.metrics["eszsl"]["zsl"]["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
     assert result.metrics["mean-pool"] != result.metrics["LESA"]
     with pytest.raises(ValueError, match="needs a trained checkpoint"):
         evaluate(inputs, checkpoint, config=EvaluationConfig(ks=[2], baselines=["mean-pool"]))
