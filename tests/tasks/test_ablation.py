@@ -44,7 +44,9 @@ def dask_config() -> Iterator[DaskConfig]:
 
 
 def _with_grid(inputs: Synthetic, grid: AblationConfig) -> Synthetic:
-    config = inputs.config.model_copy(update={"ablation": grid})
+    # The synthetic dataset has 2 unseen labels: ZSL top-K needs K <= 2.
+    evaluation = inputs.config.evaluation.model_copy(update={"ks": [2]})
+    config = inputs.config.model_copy(update={"ablation": grid, "evaluation": evaluation})
     return Synthetic(config, inputs.storage, inputs.tables, inputs.features, inputs.embeddings)
 
 
