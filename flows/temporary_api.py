@@ -7,14 +7,21 @@ ephemeral Prefect API server"), and the run dies before its first stage. The ent
 it here instead, before the flow: with a longer wait, one more try after a timeout, and, if it
 still fails, a message that says what to do. Prefect's own start-up then finds the server
 running and uses it.
+
+The server's own output goes to a log file under ``PREFECT_HOME`` rather than to the terminal,
+so that a failed start shows the user one message that says what to do, with the server's last
+error line and where its full log is, instead of the server's traceback.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
+from typing import Any
 
 from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 DEFAULT_STARTUP_TIMEOUT_S = 90
@@ -23,6 +30,39 @@ ATTEMPTS = 2
 
 class TemporaryAPIError(RuntimeError):
     """The temporary Prefect API did not start; the message says how to run without it."""
+
+
+class LoggedServer(SubprocessASGIServer):
+    """Prefect's subprocess server, started with its stderr in ``log_path``."""
+
+    log_path: Path
+
+    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+        # Prefect starts the server with the parent's stderr; pointing fd 2 at the log file
+        # for the moment of the fork is the one way to hand the child another stream.
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            saved = os.dup(2)
+            os.dup2(log.fileno(), 2)
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+
+
+def server_log_path() -> Path:
+    """Where the temporary API writes its output: one file per Prefect home."""
+    return Path(PREFECT_HOME.value()) / "temporary-api.log"
+
+
+def last_error_line(log_path: Path) -> str:
+    """The last line of the server's log that names an error, or "" when there is none."""
+    if not log_path.exists():
+        return ""
+    lines = log_path.read_text(errors="replace").splitlines()
+    errors = [line.strip() for line in lines if "Error" in line or "error" in line]
+    return errors[-1] if errors else ""
 
 
 def startup_timeout() -> int:
@@ -40,7 +80,8 @@ def start_temporary_api(timeout: int | None = None, attempts: int = ATTEMPTS) ->
     if PREFECT_API_URL.value():
         return None
     timeout = timeout or startup_timeout()
-    server = SubprocessASGIServer()
+    server = LoggedServer()
+    server.log_path = server_log_path()
     failure = ""
     for _ in range(attempts):
         try:
@@ -55,5 +96,6 @@ def start_temporary_api(timeout: int | None = None, attempts: int = ATTEMPTS) ->
         "runs at it (python -m infra.local_stack --services prefect, then "
         "source .lesa-stack/stack.env; or prefect server start and "
         "export PREFECT_API_URL=http://127.0.0.1:4200/api), or wait longer with "
-        f"{STARTUP_TIMEOUT_ENV}=300. Last error: {failure[-800:]}"
+        f"{STARTUP_TIMEOUT_ENV}=300. Last error: {failure[-300:]} "
+        f"{last_error_line(server.log_path)} (the server's log: {server.log_path})"
     )

@@ -75,3 +75,4 @@ def test_when_it_cannot_start_the_entry_point_says_what_to_do(tmp_path: Path) ->
     assert "python -m infra.local_stack --services prefect" in done.stderr
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in done.stderr
     assert "Traceback" not in done.stderr
+    assert f"the server's log: {tmp_path / 'prefect' / 'temporary-api.log'}" in done.stderr
