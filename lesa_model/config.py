@@ -1,21 +1,18 @@
 """Run-configuration sections owned by the science core.
 
-Every config section in the project derives from :class:`StrictModel`, so a YAML file with an
-unknown key or a wrongly typed value fails on load with an error that names the key. Defaults are
-the paper's settings (Huynh & Elhamifar, CVPR 2020); the authors' release behaviour is opt-in.
+Every config section in the project derives from :class:`lesa_common.StrictModel`, so a YAML
+file with an unknown key or a wrongly typed value fails on load with an error that names the key.
+Defaults are the paper's settings (Huynh & Elhamifar, CVPR 2020); the authors' release behaviour
+is opt-in.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
-
-class StrictModel(BaseModel):
-    """Base for all config sections: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from lesa_common import StrictModel
 
 
 class ModelConfig(StrictModel):

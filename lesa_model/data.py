@@ -1,10 +1,10 @@
 """What the trainer and inference consume: batches of region features and labels.
 
 Any object with ``num_images`` and ``batches(...)`` is a :class:`BatchSource`, so the trainer can
-stream from memory (:class:`TensorBatchSource`) or from HDF5 shards (``tasks.features``) alike.
-The shuffled order is a pure function of (seed, epoch) via :func:`epoch_order`, which is what
-makes an interrupted run resumable exactly: the trainer replays the epoch's order and skips the
-batches it already consumed.
+stream from memory (:class:`TensorBatchSource`) or from HDF5 shards
+(``tasks.feature_reader.FeatureBatches``) alike. The shuffled order is a pure function of
+(seed, epoch) via :func:`epoch_order`, which is what makes an interrupted run resumable exactly:
+the trainer replays the epoch's order and skips the batches it already consumed.
 """
 
 from __future__ import annotations

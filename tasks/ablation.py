@@ -30,7 +30,7 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from pydantic import Field, field_validator
 
-from lesa_model.config import StrictModel
+from lesa_common import StrictModel
 from tasks.embeddings import EmbeddingResult
 from tasks.evaluation import evaluate_checkpoint, expected_metadata, report_prefix
 from tasks.features import DaskConfig, FeatureSet, dask_client

@@ -28,6 +28,7 @@ import torch
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, NonNegativeFloat, PositiveFloat
 
+from lesa_common import StrictModel
 from lesa_model.baselines import (
     EszslFit,
     mean_pool_grid,
@@ -36,10 +37,10 @@ from lesa_model.baselines import (
     tune_mean_pool,
 )
 from lesa_model.checkpoint import save_checkpoint
-from lesa_model.config import StrictModel
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureStore
 from tasks.features import FeatureSet, feature_key
+from tasks.hashing import content_hash
 from tasks.retries import retrying_task
 from tasks.storage import Storage
 from tasks.training import (
@@ -49,7 +50,6 @@ from tasks.training import (
     embedded,
     run_prefix,
     split_source,
-    stable_hash,
     training_key,
 )
 
@@ -151,7 +151,7 @@ def train_mean_pool(
     """Tune and train the mean-pool baseline (or reuse an identical finished one); its URLs."""
     inputs = _Inputs(config, storage, tables, features, embeddings)
     tuning = config.evaluation.tuning
-    key = stable_hash("mean-pool", inputs.key, tuning.mean_pool_lr, tuning.mean_pool_l2)
+    key = content_hash(["mean-pool", inputs.key, tuning.mean_pool_lr, tuning.mean_pool_l2], 16)
     urls = checkpoint_urls(storage, config.run_name, "mean-pool")
     record_url = urls["best"].rsplit("/", 1)[0] + f"/{RECORD_FILE}"
     if _reusable(storage, record_url, key):
@@ -198,7 +198,7 @@ def fit_eszsl_baseline(
     """Fit ESZSL with ridge weights chosen on validation (or reuse an identical fit); its URLs."""
     inputs = _Inputs(config, storage, tables, features, embeddings)
     tuning = config.evaluation.tuning
-    key = stable_hash("eszsl", inputs.key, tuning.eszsl_gamma, tuning.eszsl_lam)
+    key = content_hash(["eszsl", inputs.key, tuning.eszsl_gamma, tuning.eszsl_lam], 16)
     urls = checkpoint_urls(storage, config.run_name, "eszsl")
     record_url = urls["best"].rsplit("/", 1)[0] + f"/{RECORD_FILE}"
     if _reusable(storage, record_url, key):

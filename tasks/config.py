@@ -16,7 +16,8 @@ import fsspec
 import yaml
 from pydantic import Field, ValidationError, WithJsonSchema, model_validator
 
-from lesa_model.config import LossConfig, ModelConfig, StrictModel, TrainerConfig
+from lesa_common import StrictModel
+from lesa_model.config import LossConfig, ModelConfig, TrainerConfig
 from tasks.ablation import AblationConfig
 from tasks.backbones import PRETRAINED, RANDOM
 from tasks.datasets import DatasetConfig

@@ -30,7 +30,7 @@ from requests.adapters import HTTPAdapter
 from tqdm.auto import tqdm
 from urllib3.util import Retry
 
-from lesa_model.config import StrictModel
+from lesa_common import StrictModel
 from tasks.images import ImageRejected
 from tasks.storage import Storage
 from tasks.versions import file_version

@@ -12,8 +12,6 @@ the vocabulary's labels and tokens, so a rerun never reloads the word vectors.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import logging
 import re
 import threading
@@ -30,7 +28,8 @@ import pandas as pd
 from gensim.models import KeyedVectors
 from pydantic import field_validator
 
-from lesa_model.config import StrictModel
+from lesa_common import StrictModel
+from tasks.hashing import content_hash
 from tasks.retries import retrying_task
 from tasks.schemas import LabelEmbeddings, Vocabulary, validate
 from tasks.storage import Storage
@@ -235,11 +234,9 @@ def _source_slug(source: str) -> str:
 def cache_url(vocabulary: pd.DataFrame, source: str, storage: Storage) -> str:
     """Where the embeddings of ``vocabulary`` from ``source`` are cached in ``storage``."""
     labels, tokens = _label_tokens(vocabulary)
-    key = json.dumps(
-        {"format": _CACHE_FORMAT, "source": source, "labels": labels, "tokens": tokens},
-        separators=(",", ":"),
+    digest = content_hash(
+        {"format": _CACHE_FORMAT, "source": source, "labels": labels, "tokens": tokens}, 16
     )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return storage.url("embeddings", f"{_source_slug(source)}-{digest}.parquet")
 
 

@@ -19,10 +19,10 @@ from PIL import Image
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from lesa_common import StrictModel
 from lesa_model.attention import PointingGameResult, centre_crop_box, pointing_game
 from lesa_model.baselines import pool_regions
 from lesa_model.checkpoint import load_model
-from lesa_model.config import StrictModel
 from lesa_model.inference import attention_for, score
 from lesa_model.metrics import evaluate_zero_shot
 from lesa_model.model import LESA

@@ -14,8 +14,6 @@ shuffles, so a 50 GB feature set trains on a laptop.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from tasks import schemas
+from tasks.hashing import content_hash
 from tasks.storage import Storage
 
 FORMAT_VERSION = 1
@@ -43,7 +42,7 @@ class FeatureStoreError(ValueError):
 
 def ids_sha256(image_ids: Sequence[str]) -> str:
     """Digest of an ordered list of image ids (unambiguous even if ids contain newlines)."""
-    return hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()
+    return content_hash(list(image_ids))
 
 
 def shard_name(index: int) -> str:

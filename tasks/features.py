@@ -20,9 +20,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 import tempfile
@@ -44,7 +42,7 @@ from PIL import Image
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from lesa_model.config import StrictModel
+from lesa_common import StrictModel
 from tasks import backbones, schemas
 from tasks.backbones import Backbone, BackboneName, PreprocessingName
 from tasks.feature_reader import (
@@ -58,6 +56,7 @@ from tasks.feature_reader import (
     ids_sha256,
     shard_name,
 )
+from tasks.hashing import content_hash
 from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from tasks.progress import RunProgress
 from tasks.retries import is_transient, retrying_task
@@ -177,8 +176,7 @@ def feature_key(config: FeaturesConfig) -> str:
         "dtype": config.dtype,
         "format_version": FORMAT_VERSION,
     }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return f"{config.backbone}-{digest[:10]}"
+    return f"{config.backbone}-{content_hash(identity, 10)}"
 
 
 def features_prefix(storage: Storage, dataset_name: str, config: FeaturesConfig) -> str:

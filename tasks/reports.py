@@ -18,7 +18,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
-from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from lesa_model.attention import PointingGameResult
@@ -245,9 +244,6 @@ def write_report(
     report_url = f"{base}/{REPORT_FILE}"
     storage.write_bytes(report_url, markdown.encode("utf-8"))
     return ReportArtifacts(metrics_url=metrics_url, report_url=report_url, plot_urls=plot_urls)
-
-
-write_report_task = task(name="write-report")(write_report)
 
 
 def pointing_summary(result: PointingGameResult) -> dict[str, float | int]:

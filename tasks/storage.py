@@ -38,7 +38,7 @@ from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
-from lesa_model.config import StrictModel
+from lesa_common import StrictModel
 
 _CHUNK = 8 * 1024 * 1024
 _PROGRESS_BYTES = 64 * 1024 * 1024

@@ -16,7 +16,6 @@ reuses the trained model, and evaluation scores them zero-shot.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -40,6 +39,7 @@ from tasks.datasets.base import check_usable
 from tasks.embeddings import EmbeddingResult
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.features import FEATURE_IDENTITY, FeatureSet, feature_key
+from tasks.hashing import array_digest, content_hash
 from tasks.progress import RunProgress
 from tasks.retries import retrying_task
 from tasks.storage import Storage, is_local
@@ -177,28 +177,6 @@ class TrainingOutcome(BaseModel):
         return lines
 
 
-def stable_hash(*parts: Any) -> str:
-    """A short hash of JSON-able values and config sections, the same in every process."""
-    payload = json.dumps(
-        [part.model_dump(mode="json") if isinstance(part, BaseModel) else part for part in parts],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _digest(*arrays: np.ndarray | Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for array in arrays:
-        if isinstance(array, np.ndarray):
-            digest.update(np.ascontiguousarray(array).tobytes())
-            digest.update(str(array.shape).encode())
-        else:
-            digest.update("\0".join(map(str, array)).encode())
-        digest.update(b"\1")
-    return digest.hexdigest()[:16]
-
-
 def training_key(
     config: PipelineConfig,
     model_config: ModelConfig,
@@ -211,23 +189,24 @@ def training_key(
     the stored bytes of every feature shard the train and val images are read from, so features
     recomputed for an image fixed or replaced in place retrain."""
     split_digests = [
-        _digest(source.image_ids, source.labels) if source is not None else None
+        array_digest(source.image_ids, source.labels) if source is not None else None
         for source in (train, val)
     ]
     store = train.store
     used = store.index.loc[[*train.image_ids, *(val.image_ids if val else [])], "shard"]
     shards = store.manifest.set_index("shard_index").loc[sorted(set(used)), "sha256"]
-    return stable_hash(
+    parts = [
         model_config,
         config.loss,
         config.train,
         feature_key(config.features),
         config.embeddings.source,
         list(seen),
-        _digest(np.round(vectors.astype(np.float64), 6)),
+        array_digest(np.round(vectors.astype(np.float64), 6)),
         split_digests,
         shards.tolist(),
-    )
+    ]
+    return content_hash(parts, 16)
 
 
 # -- checkpoint mirroring --------------------------------------------------------------------

@@ -10,8 +10,6 @@ skipped; a changed config or any input rewritten in place (same name, new conten
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -22,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from tasks import schemas
 from tasks.embeddings import tokenize_label
+from tasks.hashing import content_hash
 from tasks.storage import Storage
 from tasks.versions import file_versions
 
@@ -74,16 +73,8 @@ def config_fingerprint(config: BaseModel, inputs: Mapping[str, str] | None = Non
     Any change to either means the dataset must be rebuilt: a user's label table rewritten in
     place under the same URL is a new dataset version, not a finished one.
     """
-    payload = json.dumps(
-        {
-            "format": FINGERPRINT_FORMAT,
-            "config": config.model_dump(mode="json"),
-            "inputs": dict(inputs or {}),
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    payload = {"format": FINGERPRINT_FORMAT, "config": config, "inputs": dict(inputs or {})}
+    return content_hash(payload)
 
 
 def check_usable(name: str, labels: pd.DataFrame, vocabulary: pd.DataFrame) -> None:

@@ -33,11 +33,10 @@ from typing import Literal, Self
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
-from prefect import task
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from lesa_model.config import StrictModel
+from lesa_common import StrictModel
 from tasks.datasets.base import (
     IMAGES_DIR,
     DatasetArtifacts,
@@ -506,6 +505,3 @@ def prepare_emoji_scenes(config: EmojiScenesConfig, storage: Storage) -> Dataset
         boxes=boxes,
         inputs=reads.inputs,
     )
-
-
-prepare_emoji_scenes_task = task(name="prepare-emoji-scenes")(prepare_emoji_scenes)

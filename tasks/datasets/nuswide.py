@@ -40,7 +40,7 @@ import pandas as pd
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from lesa_model.config import StrictModel
+from lesa_common import StrictModel
 from tasks import schemas
 from tasks.datasets.base import (
     IMAGES_DIR,

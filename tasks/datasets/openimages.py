@@ -27,7 +27,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field
 
-from lesa_model.config import StrictModel
+from lesa_common import StrictModel
 from tasks.datasets.base import (
     DatasetArtifacts,
     DatasetError,

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from lesa_model.config import StrictModel
+from lesa_common import StrictModel
 from tasks import schemas
 from tasks.datasets.base import (
     DatasetArtifacts,
