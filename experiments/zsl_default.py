@@ -39,7 +39,7 @@ from lesa_model.model import LESA
 from lesa_model.trainer import Trainer
 from tasks import schemas
 from tasks.datasets.emoji_vocabulary import emoji_labels
-from tasks.embeddings import KUMO_SOURCE, load_keyed_vectors, tokenize_label
+from tasks.embeddings import KumoGlove, load_keyed_vectors, tokenize_label
 from tasks.feature_reader import FeatureStore
 from tasks.storage import Storage, StorageConfig
 
@@ -114,7 +114,7 @@ def label_vectors(labels: list[str], text: str) -> np.ndarray:
     word's vector and the vector of its emoji's Unicode name (stopwords dropped).
     ``label+name+family``: the same with the family's words added as a third part.
     """
-    keyed = load_keyed_vectors(KUMO_SOURCE)
+    keyed = load_keyed_vectors(KumoGlove())
     entries = {entry.label: entry for entry in emoji_labels()}
 
     def words_vector(words: list[str]) -> np.ndarray | None:

@@ -136,7 +136,7 @@ def _metadata(config: PipelineConfig, name: str, key: str) -> dict[str, Any]:
         "baseline": name,
         "training_key": key,
         "feature_key": feature_key(config.features),
-        "embedding_source": config.embeddings.source,
+        "embedding_source": config.embeddings.source.identity,
     }
 
 

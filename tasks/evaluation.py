@@ -345,5 +345,5 @@ def expected_metadata(config: PipelineConfig) -> dict[str, object]:
     """What a checkpoint must have been trained on to be scored with ``config``'s inputs."""
     return {
         "feature_key": feature_key(config.features),
-        "embedding_source": config.embeddings.source,
+        "embedding_source": config.embeddings.source.identity,
     }

@@ -186,7 +186,7 @@ def load_predictor(checkpoint: str, storage: Storage) -> Predictor:
             f"checkpoint {checkpoint} does not name its embedding source (metadata "
             "'embedding_source'); it was not written by the training stage"
         )
-    embeddings = EmbeddingConfig(source=str(source), oov="fail", cache=False)
+    embeddings = EmbeddingConfig(source=source, oov="fail", cache=False)
     h, w = features.grid
     if model.grid is not None and tuple(model.grid) != (h, w):
         raise PredictionError(
@@ -291,7 +291,7 @@ def label_vectors(labels: Sequence[str], predictor: Predictor, storage: Storage)
     except OOVError as error:
         unknown = error.oov["label"].astype(str).tolist()
         raise PredictionError(
-            f"cannot embed {len(unknown)} label(s) with {predictor.embeddings.source!r}: "
+            f"cannot embed {len(unknown)} label(s) with {predictor.embeddings.source.identity!r}: "
             f"{unknown[:20]} (no word of theirs is in the vocabulary; check the spelling)"
         ) from error
     vectors = result.vectors(list(labels))

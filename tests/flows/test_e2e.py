@@ -211,7 +211,7 @@ def test_a_failing_stage_fails_the_run_with_its_reason(services: Services) -> No
     missing = f"{services.root}/no-such-glove.txt"
     overrides = {
         "storage": {"root": services.root},
-        "embeddings": {"source": f"glove-file:{missing}"},
+        "embeddings": {"source": {"kind": "glove-file", "url": missing}},
     }
     done = services.run(
         str(BIN / "prefect"),

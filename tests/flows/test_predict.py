@@ -16,7 +16,7 @@ from flows.predict import main
 from lesa_model.checkpoint import model_payload, save_checkpoint
 from lesa_model.config import ModelConfig
 from lesa_model.model import LESA
-from tasks.embeddings import KUMO_SOURCE
+from tasks.embeddings import KumoGlove
 from tasks.features import FeaturesConfig, feature_key
 
 FEATURES = FeaturesConfig(backbone="efficientnet-lite0", weights="none", image_size=64)
@@ -40,7 +40,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "metadata": {
                 "seen_labels": ["cat", "dog"],
                 "unseen_labels": ["fish"],
-                "embedding_source": KUMO_SOURCE,
+                "embedding_source": KumoGlove().identity,
                 "feature_key": feature_key(FEATURES),
                 "backbone": FEATURES.backbone,
                 "image_size": FEATURES.image_size,

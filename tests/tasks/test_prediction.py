@@ -18,7 +18,7 @@ from rich.console import Console
 from lesa_model.checkpoint import model_payload, save_checkpoint
 from lesa_model.config import ModelConfig
 from lesa_model.model import LESA
-from tasks.embeddings import KUMO_SOURCE, load_keyed_vectors
+from tasks.embeddings import KumoGlove, load_keyed_vectors
 from tasks.feature_reader import FEATURES_DATASET
 from tasks.features import FeaturesConfig, ShardPlan, extract_shard, feature_key
 from tasks.prediction import (
@@ -48,7 +48,7 @@ def write_checkpoint(path: Path, features: FeaturesConfig = FEATURES, **metadata
     meta = {
         "seen_labels": SEEN,
         "unseen_labels": UNSEEN,
-        "embedding_source": KUMO_SOURCE,
+        "embedding_source": KumoGlove().identity,
         "embedding_dim": 50,
         "feature_key": feature_key(features),
         "backbone": features.backbone,
@@ -115,7 +115,7 @@ def test_never_seen_label_is_scored_without_retraining(workspace, storage) -> No
     uris = [str(workspace["images"] / "a.png"), str(workspace["images"] / "b.jpg")]
     predictions = predict_images(predictor, uris, labels, storage, top_k=4)
 
-    keyed = load_keyed_vectors(KUMO_SOURCE)
+    keyed = load_keyed_vectors(KumoGlove())
     vectors = []
     for label in labels:
         mean = np.mean([keyed[word] for word in label.split()], axis=0, dtype=np.float64)

@@ -198,7 +198,7 @@ def test_checkpoints_land_in_the_run_folder_with_metadata(local: Synthetic) -> N
     model, metadata = load_model(final)
     assert metadata["seen_labels"] == SEEN
     assert metadata["unseen_labels"] == UNSEEN
-    assert metadata["embedding_source"] == local.config.embeddings.source
+    assert metadata["embedding_source"] == local.config.embeddings.source.identity
     assert metadata["feature_key"] == feature_key(local.config.features)
     assert metadata["backbone"] == local.config.features.backbone
     assert metadata["features"]["weights"] == local.config.features.weights
