@@ -1,6 +1,6 @@
 """CPU feature-extraction throughput against this machine's own fp32 matmul FLOP rate.
 
-Runs the real shard pipeline (:func:`tasks.features.extract_shard`: read JPEG, decode,
+Runs the real shard pipeline (:func:`tasks.feature_worker.extract_shard`: read JPEG, decode,
 preprocess, backbone in batches, write HDF5, upload verified) in this process on photo-sized
 JPEGs, and reports:
 
@@ -32,7 +32,9 @@ from _flops import measure_matmul_gflops, measure_onednn_gemm_gflops
 from PIL import Image
 
 from tasks.backbones import load_backbone
-from tasks.features import FeaturesConfig, extract_shard, plan_shards, usable_cores
+from tasks.feature_config import FeaturesConfig
+from tasks.feature_worker import extract_shard
+from tasks.features import plan_shards, usable_cores
 from tasks.storage import Storage, StorageConfig
 
 PHOTO_SIZE = (500, 375)

@@ -4,8 +4,8 @@ Both sides extract the same photo-sized JPEGs into the same shard layout with th
 
 - ``dask``: :func:`tasks.features.extract_features` on a running LocalCluster (2 processes,
   1 thread each, 1 torch thread per task), including manifest commits and verified uploads;
-- ``baseline``: one process running :func:`tasks.features.extract_shard` shard after shard with
-  2 torch threads.
+- ``baseline``: one process running :func:`tasks.feature_worker.extract_shard` shard after shard
+  with 2 torch threads.
 
 Both are warmed up first (imports, weights, oneDNN kernels), so the figure is steady-state
 throughput; timed runs alternate and the best of each side counts, which damps the noise of a
@@ -24,14 +24,9 @@ from pathlib import Path
 
 from bench_extraction import write_photos
 
-from tasks.features import (
-    DaskConfig,
-    FeaturesConfig,
-    dask_client,
-    extract_features,
-    extract_shard,
-    plan_shards,
-)
+from tasks.feature_config import DaskConfig, FeaturesConfig
+from tasks.feature_worker import extract_shard
+from tasks.features import dask_client, extract_features, plan_shards
 from tasks.storage import Storage, StorageConfig
 
 

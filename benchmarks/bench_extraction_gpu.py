@@ -5,7 +5,7 @@ Reports, all measured in the same run:
 - the GPU's fp16 matmul rate (8192^3 tensor-core matmuls), the ceiling;
 - VGG-19 conv5_4 images/s on ready fp16 channels-last tensors at several batch sizes, and the
   fraction of the ceiling that is (39.0 GFLOP per 224x224 image, counted from the layers);
-- the whole shard pipeline (:func:`tasks.features.extract_shard` with ``device: cuda``: JPEG
+- the whole shard pipeline (:func:`tasks.feature_worker.extract_shard` with ``device: cuda``: JPEG
   read + decode + preprocess on CPU threads, fp16 backbone, HDF5 write) images/s, which on a
   GPU is bounded by JPEG decoding, not by the GPU.
 
@@ -26,7 +26,9 @@ import torch
 from bench_extraction import conv_gflop_per_image, write_photos
 
 from tasks.backbones import load_backbone
-from tasks.features import FeaturesConfig, extract_shard, plan_shards, usable_cores
+from tasks.feature_config import FeaturesConfig
+from tasks.feature_worker import extract_shard
+from tasks.features import plan_shards, usable_cores
 from tasks.storage import Storage, StorageConfig
 
 

@@ -31,7 +31,8 @@ from tasks.evaluation import (
     expected_metadata,
     report_prefix,
 )
-from tasks.features import FeatureSet, extract_features_task, features_prefix
+from tasks.feature_config import features_prefix
+from tasks.features import FeatureSet, extract_features_task
 from tasks.storage import Storage
 from tasks.training import DatasetTables, TrainingOutcome, load_tables_task, train_model_task
 

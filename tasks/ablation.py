@@ -33,7 +33,8 @@ from pydantic import Field, field_validator
 from lesa_common import StrictModel
 from tasks.embeddings import EmbeddingResult
 from tasks.evaluation import evaluate_checkpoint, expected_metadata, report_prefix
-from tasks.features import DaskConfig, FeatureSet, dask_client
+from tasks.feature_config import DaskConfig
+from tasks.features import FeatureSet, dask_client
 from tasks.progress import RunProgress
 from tasks.storage import Storage
 from tasks.training import DatasetTables, train_model

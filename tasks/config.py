@@ -23,7 +23,7 @@ from tasks.backbones import PRETRAINED, RANDOM
 from tasks.datasets import DatasetConfig
 from tasks.embeddings import EmbeddingConfig
 from tasks.evaluation import EvaluationConfig
-from tasks.features import FeaturesConfig
+from tasks.feature_config import FeaturesConfig
 from tasks.settings import environment_overrides
 from tasks.storage import (
     OVERRIDES_JSON_SCHEMA,

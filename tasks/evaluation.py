@@ -30,8 +30,10 @@ from tasks import reports
 from tasks.backbones import resize_side
 from tasks.baselines import BaselineName, BaselineTuning, load_eszsl, random_ranking
 from tasks.embeddings import EmbeddingResult
+from tasks.feature_config import feature_key
 from tasks.feature_reader import FeatureBatches, FeatureStore
-from tasks.features import FeatureSet, feature_key, resolve_uri
+from tasks.features import FeatureSet
+from tasks.images import resolve_uri
 from tasks.retries import retrying_task
 from tasks.storage import Storage
 from tasks.training import DatasetTables, embedded, split_source

@@ -1,8 +1,8 @@
 """Reading HDF5 feature shards: random access by image id and batches for the trainer.
 
-The shard format (docs/ARCHITECTURE.md, "HDF5 shard format") is defined here, next to the code
-that depends on it most; :mod:`tasks.features` writes it. The manifest is the only way in: a
-shard the manifest does not list does not exist, and a listed shard that is missing or whose
+The shard format is :mod:`tasks.feature_shards`'s (the writer, :mod:`tasks.feature_worker`, uses
+the same module). The manifest is the only way in: a shard the manifest does not list does not
+exist, and a listed shard that is missing or whose
 size, shape, dtype or id count differs from its manifest row is an error, never silently skipped.
 (The sha256 is checked by extraction's rerun, not on every read: hashing a full feature set
 would cost minutes each time training opens it.)
@@ -16,38 +16,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 
 from tasks import schemas
-from tasks.hashing import content_hash
+from tasks.feature_shards import (
+    FEATURES_DATASET,
+    IMAGE_IDS_DATASET,
+    FeatureStoreError,
+    open_shard,
+)
 from tasks.storage import Storage
 
-FORMAT_VERSION = 1
-FEATURES_DATASET = "features"
-IMAGE_IDS_DATASET = "image_ids"
-MANIFEST_NAME = "manifest.parquet"
-REJECTS_NAME = "rejects.parquet"
-SHARD_NAME = "shard-{index:05d}.h5"
 MAX_OPEN_SHARDS = 8
 """Open HDF5 handles kept per store (each holds a small metadata cache, not the data)."""
-
-
-class FeatureStoreError(ValueError):
-    """A feature set that cannot be read as its manifest describes it."""
-
-
-def ids_sha256(image_ids: Sequence[str]) -> str:
-    """Digest of an ordered list of image ids (unambiguous even if ids contain newlines)."""
-    return content_hash(list(image_ids))
-
-
-def shard_name(index: int) -> str:
-    """File name of shard ``index`` inside a feature-set folder."""
-    return SHARD_NAME.format(index=index)
 
 
 class FeatureStore:
@@ -201,35 +185,19 @@ class FeatureStore:
                 f"{self.manifest_url} lists shard {row['shard_uri']}, which is missing; rerun "
                 "feature extraction to recompute it"
             ) from None
-        handle = self._open_checked(path, row)
+        handle = open_shard(
+            path,
+            uri=str(row["shard_uri"]),
+            size_bytes=int(row["size_bytes"]),
+            num_images=int(row["num_images"]),
+            regions=int(row["regions"]),
+            dim=int(row["dim"]),
+            dtype=str(row["dtype"]),
+        )
         self._open[shard_index] = handle
         while len(self._open) > MAX_OPEN_SHARDS:
             _, oldest = self._open.popitem(last=False)
             oldest.close()
-        return handle
-
-    def _open_checked(self, path: Path, row: pd.Series) -> h5py.File:
-        if path.stat().st_size != int(row["size_bytes"]):
-            raise FeatureStoreError(
-                f"shard {row['shard_uri']} has {path.stat().st_size} bytes, its manifest row "
-                f"says {row['size_bytes']}: it was changed after it was committed"
-            )
-        handle = h5py.File(path, "r")
-        features = handle[FEATURES_DATASET]
-        ids = handle[IMAGE_IDS_DATASET]
-        if ids.shape != (int(row["num_images"]),):
-            handle.close()
-            raise FeatureStoreError(
-                f"shard {row['shard_uri']} holds {ids.shape[0]} image ids, its manifest row "
-                f"says {row['num_images']}"
-            )
-        expected = (int(row["num_images"]), int(row["regions"]), int(row["dim"]))
-        if features.shape != expected or features.dtype != np.dtype(row["dtype"]):
-            handle.close()
-            raise FeatureStoreError(
-                f"shard {row['shard_uri']} holds {features.dtype} {features.shape}, its manifest "
-                f"row says {row['dtype']} {expected}"
-            )
         return handle
 
     def read_rows(self, shard_index: int, rows: np.ndarray | None = None) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Image bytes -> clean RGB picture, or a rejection with a machine-readable reason.
 
-Every stage that touches image files (downloads, feature extraction) goes through this module, so
-one set of rules decides which images are usable and the rejects tables share one vocabulary of
-reasons: ``empty``, ``truncated``, ``corrupt``, ``too-large`` (decompression bomb),
-``placeholder`` and ``too-small-file``.
+Every stage that touches image files (downloads, feature extraction, prediction) goes through this
+module, so one set of rules decides which images are usable and the rejects tables share one
+vocabulary of reasons: ``missing``, ``unreadable`` (storage could not return the bytes),
+``empty``, ``truncated``, ``corrupt``, ``too-large`` (decompression bomb, or a resize too big for
+the backbone), ``placeholder`` and ``too-small-file``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,17 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tasks.storage import Storage
+
 RejectReason = Literal[
-    "empty", "truncated", "corrupt", "too-large", "placeholder", "too-small-file"
+    "missing",
+    "unreadable",
+    "empty",
+    "truncated",
+    "corrupt",
+    "too-large",
+    "placeholder",
+    "too-small-file",
 ]
 
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -69,6 +79,29 @@ def check_download(
         raise ImageRejected("placeholder", "byte-identical to the Flickr 'photo unavailable' image")
     if len(data) < min_bytes:
         raise ImageRejected("too-small-file", f"{len(data)} bytes (need at least {min_bytes})")
+
+
+def resolve_uri(uri: str, images_prefix: str) -> str:
+    """An image's URL: absolute URLs and paths as they are, others under ``images_prefix``."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return f"{images_prefix.rstrip('/')}/{uri.lstrip('/')}"
+
+
+def read_image(uri: str, storage: Storage) -> Image.Image:
+    """Read ``uri`` through storage and decode it (:func:`decode_image`).
+
+    Raises:
+        ImageRejected: ``missing`` when there is no such object, ``unreadable`` when storage
+            fails to return it, or a decoding reason.
+    """
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as error:
+        raise ImageRejected("missing", str(error) or uri) from error
+    except (OSError, ValueError) as error:
+        raise ImageRejected("unreadable", f"{type(error).__name__}: {error}") from error
+    return decode_image(data)
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -35,10 +35,10 @@ from lesa_model.checkpoint import load_model
 from lesa_model.inference import attention_for
 from lesa_model.model import LESA
 from tasks import backbones
-from tasks.backbones import Backbone
+from tasks.backbones import Backbone, region_features
 from tasks.embeddings import EmbeddingConfig, OOVError, embed_words
-from tasks.features import FeaturesConfig, check_resized, feature_key, region_features
-from tasks.images import ImageRejected, decode_image
+from tasks.feature_config import FeatureIdentity, feature_key
+from tasks.images import ImageRejected, read_image
 from tasks.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Predictor:
 
     model: LESA
     metadata: dict[str, Any]
-    features: FeaturesConfig
+    features: FeatureIdentity
     embeddings: EmbeddingConfig
     checkpoint_url: str
 
@@ -196,8 +196,10 @@ def load_predictor(checkpoint: str, storage: Storage) -> Predictor:
     return Predictor(model, metadata, features, embeddings, checkpoint)
 
 
-def checkpoint_features(metadata: dict[str, Any], checkpoint: str = "checkpoint") -> FeaturesConfig:
-    """The :class:`FeaturesConfig` the checkpoint's model was trained on.
+def checkpoint_features(
+    metadata: dict[str, Any], checkpoint: str = "checkpoint"
+) -> FeatureIdentity:
+    """The :class:`FeatureIdentity` the checkpoint's model was trained on.
 
     Uses the full ``features`` section when the metadata carries one; otherwise rebuilds it from
     ``backbone``, ``image_size`` and ``preprocessing`` with the default weights and dtype, and
@@ -206,7 +208,7 @@ def checkpoint_features(metadata: dict[str, Any], checkpoint: str = "checkpoint"
     """
     if isinstance(metadata.get("features"), dict):
         try:
-            return FeaturesConfig.model_validate(metadata["features"])
+            return FeatureIdentity.model_validate(metadata["features"])
         except ValidationError as error:
             raise PredictionError(f"{checkpoint}: invalid features metadata: {error}") from error
     missing = [key for key in ("backbone", "image_size", "feature_key") if key not in metadata]
@@ -217,7 +219,7 @@ def checkpoint_features(metadata: dict[str, Any], checkpoint: str = "checkpoint"
     preprocessing = str(metadata.get("preprocessing") or "")
     kind = preprocessing.split("-resize", 1)[0] or None
     try:
-        config = FeaturesConfig(
+        config = FeatureIdentity(
             backbone=metadata["backbone"],
             image_size=int(metadata["image_size"]),
             preprocessing=kind,
@@ -308,14 +310,7 @@ def label_vectors(labels: Sequence[str], predictor: Predictor, storage: Storage)
 
 def load_backbone_for(predictor: Predictor, storage: Storage) -> Backbone:
     """The checkpoint's backbone, in eval mode on the CPU."""
-    config = predictor.features
-    return backbones.load_backbone(
-        config.backbone,
-        weights=config.weights,
-        image_size=config.image_size,
-        preprocessing=config.preprocessing,
-        open_weights=storage.local_copy,
-    )
+    return predictor.features.build_backbone(storage.local_copy)
 
 
 def image_features(
@@ -323,12 +318,15 @@ def image_features(
 ) -> np.ndarray:
     """(B, R, D) float32 region features of decoded images, rounded through ``dtype``.
 
-    The layout is extraction's (:func:`tasks.features.region_features`), and rounding through
+    The layout is extraction's (:func:`tasks.backbones.region_features`), and rounding through
     the stored feature dtype (float16 by default) gives the model exactly the kind of numbers it
     was trained on.
     """
-    batch = torch.stack([backbone.transform(image) for image in images])
-    return region_features(backbone, batch).astype(dtype).astype(np.float32)
+    return _as_trained(backbone, [backbone.preprocess(image) for image in images], dtype)
+
+
+def _as_trained(backbone: Backbone, inputs: Sequence[torch.Tensor], dtype: str) -> np.ndarray:
+    return region_features(backbone, torch.stack(list(inputs))).astype(dtype).astype(np.float32)
 
 
 def predict_images(
@@ -363,18 +361,18 @@ def predict_images(
     maps: list[np.ndarray] = []
     dropped: list[SkippedImage] = []
     progress = tqdm(total=len(uris), desc="tagging", unit="image")
-    for batch_uris, images, batch_skipped in _decoded_batches(
-        uris, storage, batch_size, backbone.image_size
+    for batch_uris, batch_sizes, inputs, batch_skipped in _decoded_batches(
+        uris, storage, batch_size, backbone
     ):
         dropped.extend(batch_skipped)
         progress.update(len(batch_uris) + len(batch_skipped))
-        if not images:
+        if not inputs:
             continue
-        features = image_features(backbone, images, predictor.features.dtype)
+        features = _as_trained(backbone, inputs, predictor.features.dtype)
         with torch.inference_mode():
             batch_scores = predictor.model(torch.from_numpy(features), vectors).scores.numpy()
         kept.extend(batch_uris)
-        sizes.extend(image.size for image in images)
+        sizes.extend(batch_sizes)
         scores.append(batch_scores.astype(np.float32))
         if attention:
             best = _top_columns(batch_scores, top_k)
@@ -491,46 +489,25 @@ def _short_names(uris: Sequence[str]) -> tuple[str, list[str]]:
     return folder, [uri[len(folder) :] for uri in uris]
 
 
-def _read_image(uri: str, storage: Storage) -> Image.Image | SkippedImage:
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        return SkippedImage(uri, "missing", "no such file")
-    except (OSError, ValueError) as error:
-        return SkippedImage(uri, "unreadable", f"{type(error).__name__}: {error}")
-    try:
-        return decode_image(data)
-    except ImageRejected as error:
-        return SkippedImage(uri, error.reason, error.detail)
-
-
-def _preprocessable(uri: str, storage: Storage, image_size: int) -> Image.Image | SkippedImage:
-    """The decoded image, unless it is unreadable or would resize to too many pixels."""
-    image = _read_image(uri, storage)
-    if isinstance(image, SkippedImage):
-        return image
-    try:
-        check_resized(image, image_size)
-    except ImageRejected as error:
-        return SkippedImage(uri, error.reason, error.detail)
-    return image
-
-
 def _decoded_batches(
-    uris: Sequence[str], storage: Storage, batch_size: int, image_size: int
-) -> Iterator[tuple[list[str], list[Image.Image], list[SkippedImage]]]:
+    uris: Sequence[str], storage: Storage, batch_size: int, backbone: Backbone
+) -> Iterator[tuple[list[str], list[tuple[int, int]], list[torch.Tensor], list[SkippedImage]]]:
+    """Per batch: the usable images' URLs, sizes and backbone inputs, and the skipped inputs."""
     for start in range(0, len(uris), batch_size):
         kept: list[str] = []
-        images: list[Image.Image] = []
+        sizes: list[tuple[int, int]] = []
+        inputs: list[torch.Tensor] = []
         skipped: list[SkippedImage] = []
         for uri in uris[start : start + batch_size]:
-            result = _preprocessable(uri, storage, image_size)
-            if isinstance(result, SkippedImage):
-                skipped.append(result)
-            else:
-                kept.append(uri)
-                images.append(result)
-        yield kept, images, skipped
+            try:
+                image = read_image(uri, storage)
+                inputs.append(backbone.preprocess(image))
+            except ImageRejected as error:
+                skipped.append(SkippedImage(uri, error.reason, error.detail))
+                continue
+            kept.append(uri)
+            sizes.append(image.size)
+        yield kept, sizes, inputs, skipped
 
 
 def _top_columns(scores: np.ndarray, k: int) -> np.ndarray:
@@ -554,9 +531,10 @@ def _write_attention_maps(
     """Per image: ``<n>-<name>/<rank>-<label>.png`` overlays and ``<n>-<name>/grid.png``."""
     written = []
     for index, uri in enumerate(tqdm(predictions.uris, desc="attention maps", unit="image")):
-        image = _read_image(uri, storage)
-        if isinstance(image, SkippedImage):
-            logger.warning("attention maps for %s skipped: %s", uri, image.detail)
+        try:
+            image = read_image(uri, storage)
+        except ImageRejected as error:
+            logger.warning("attention maps for %s skipped: %s", uri, error.detail)
             continue
         folder = f"{prefix}/{index:04d}-{_safe_name(PurePosixPath(uri).stem)}"
         region = centre_crop_box(image.size, predictions.crop_fraction)

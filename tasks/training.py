@@ -37,8 +37,9 @@ from tasks import schemas
 from tasks.datasets import DatasetArtifacts
 from tasks.datasets.base import check_usable
 from tasks.embeddings import EmbeddingResult
+from tasks.feature_config import feature_key
 from tasks.feature_reader import FeatureBatches, FeatureStore
-from tasks.features import FEATURE_IDENTITY, FeatureSet, feature_key
+from tasks.features import FeatureSet
 from tasks.hashing import array_digest, content_hash
 from tasks.progress import RunProgress
 from tasks.retries import retrying_task
@@ -392,7 +393,7 @@ def train_model(
         "embedding_source": config.embeddings.source.identity,
         "embedding_dim": int(vectors.shape[1]),
         "feature_key": feature_key(config.features),
-        "features": config.features.model_dump(mode="json", include=FEATURE_IDENTITY),
+        "features": config.features.identity().model_dump(mode="json"),
         "backbone": config.features.backbone,
         "preprocessing": config.features.preprocessing_id,
         "image_size": config.features.image_size,

@@ -17,7 +17,7 @@ from lesa_model.checkpoint import model_payload, save_checkpoint
 from lesa_model.config import ModelConfig
 from lesa_model.model import LESA
 from tasks.embeddings import KumoGlove
-from tasks.features import FeaturesConfig, feature_key
+from tasks.feature_config import FeaturesConfig, feature_key
 
 FEATURES = FeaturesConfig(backbone="efficientnet-lite0", weights="none", image_size=64)
 
@@ -44,7 +44,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "feature_key": feature_key(FEATURES),
                 "backbone": FEATURES.backbone,
                 "image_size": FEATURES.image_size,
-                "features": FEATURES.model_dump(mode="json"),
+                "features": FEATURES.identity().model_dump(mode="json"),
             },
         },
     )

@@ -22,7 +22,7 @@ from tasks.ablation import (
     summarise,
     write_ablation_report,
 )
-from tasks.features import DaskConfig
+from tasks.feature_config import DaskConfig
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,8 @@ import pandas as pd
 import pytest
 
 from lesa_model.data import BatchSource, batch_count
-from tasks.feature_reader import (
-    FeatureBatches,
-    FeatureStore,
-    FeatureStoreError,
-    ids_sha256,
-    shard_name,
-)
+from tasks.feature_reader import FeatureBatches, FeatureStore
+from tasks.feature_shards import FeatureStoreError, ids_sha256, shard_name
 from tasks.storage import Storage, StorageConfig
 
 REGIONS, DIM = 4, 3

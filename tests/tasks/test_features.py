@@ -32,19 +32,16 @@ from PIL import Image
 from pydantic import ValidationError
 
 from tasks import schemas
-from tasks.backbones import Backbone, BackboneError, load_backbone
-from tasks.feature_reader import FeatureStore, shard_name
+from tasks.backbones import Backbone, BackboneError, load_backbone, region_features
+from tasks.feature_config import DaskConfig, FeaturesConfig, feature_key
+from tasks.feature_reader import FeatureStore
+from tasks.feature_shards import shard_name
+from tasks.feature_worker import ExtractionError, extract_shard
 from tasks.features import (
-    DaskConfig,
-    ExtractionError,
-    FeaturesConfig,
     _threads_by_host,
     extract_features,
     extract_features_task,
-    extract_shard,
-    feature_key,
     plan_shards,
-    region_features,
     usable_cores,
 )
 from tasks.images import decode_image

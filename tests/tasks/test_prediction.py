@@ -19,8 +19,9 @@ from lesa_model.checkpoint import model_payload, save_checkpoint
 from lesa_model.config import ModelConfig
 from lesa_model.model import LESA
 from tasks.embeddings import KumoGlove, load_keyed_vectors
-from tasks.feature_reader import FEATURES_DATASET
-from tasks.features import FeaturesConfig, ShardPlan, extract_shard, feature_key
+from tasks.feature_config import FeaturesConfig, feature_key
+from tasks.feature_shards import FEATURES_DATASET
+from tasks.feature_worker import ShardPlan, extract_shard
 from tasks.prediction import (
     PredictionError,
     Predictions,
@@ -55,7 +56,7 @@ def write_checkpoint(path: Path, features: FeaturesConfig = FEATURES, **metadata
         "preprocessing": features.preprocessing_id,
         "image_size": features.image_size,
         "grid": list(features.grid),
-        "features": features.model_dump(mode="json"),
+        "features": features.identity().model_dump(mode="json"),
         **metadata,
     }
     return save_checkpoint(path, {**model_payload(model), "metadata": meta})

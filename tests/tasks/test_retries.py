@@ -17,7 +17,8 @@ from prefect.testing.utilities import prefect_test_harness
 from tasks.datasets import DatasetError, prepare_dataset_task
 from tasks.embeddings import OOVError, embed_labels_task
 from tasks.evaluation import evaluate_checkpoint_task
-from tasks.features import ExtractionError, extract_features_task
+from tasks.feature_worker import ExtractionError
+from tasks.features import extract_features_task
 from tasks.retries import is_transient, retry_if_transient, retrying_task
 from tasks.schemas import SchemaError
 from tasks.storage import StorageError

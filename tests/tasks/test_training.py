@@ -17,8 +17,10 @@ from tasks import schemas
 from tasks.config import PipelineConfig, load_config
 from tasks.datasets import DatasetArtifacts, DatasetError
 from tasks.embeddings import EmbeddingResult
-from tasks.feature_reader import FEATURES_DATASET, IMAGE_IDS_DATASET, FeatureStore, ids_sha256
-from tasks.features import FeatureSet, feature_key
+from tasks.feature_config import FeatureIdentity, feature_key
+from tasks.feature_reader import FeatureStore
+from tasks.feature_shards import FEATURES_DATASET, IMAGE_IDS_DATASET, ids_sha256
+from tasks.features import FeatureSet
 from tasks.prediction import checkpoint_features
 from tasks.storage import Storage, StorageConfig
 from tasks.training import (
@@ -94,6 +96,7 @@ def write_feature_set(
     return FeatureSet(
         manifest_url=f"{prefix}/manifest.parquet",
         rejects_url=f"{prefix}/rejects.parquet",
+        identity=FeatureIdentity(),
         regions=R,
         dim=D,
         grid=(2, 2),
