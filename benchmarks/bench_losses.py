@@ -1,6 +1,6 @@
 """Vectorised LESA losses vs the plain-loop reference (forward + backward), target >= 50x.
 
-The loop reference (tests/lesa_model/loop_losses.py) is only feasible at a small shape, so both
+The loop reference (tests/helpers/loop_losses.py) is only feasible at a small shape, so both
 run there; the vectorised version is also timed at the NUS-WIDE shape (B 32, M 10, R 196,
 C 925) for scale.
 """
@@ -19,7 +19,7 @@ from lesa_model.config import LossConfig
 from lesa_model.losses import lesa_loss
 from lesa_model.model import LesaOutput
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "lesa_model"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from loop_losses import loop_terms
 
 

@@ -21,7 +21,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import publish_ablation_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
-from flows.full_pipeline import FLOW_NAME, prepare_inputs
+from flows.full_pipeline import FLOW_NAME
+from flows.stages import prepare_inputs
 from tasks.ablation import ablation_markdown, run_ablation, summarise, write_ablation_report
 from tasks.config import check_input_files, load_config
 from tasks.retries import retrying_task
@@ -45,15 +46,8 @@ def ablation(config: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None = No
     storage = Storage(cfg.storage)
     grid = len(cfg.ablation.variants) * len(cfg.ablation.seeds)
     logger.info("ablation of run %s: %d cells on Dask", cfg.run_name, grid)
-    tables, features, embeddings = prepare_inputs(cfg, storage)
-    results = run_ablation_task(
-        cfg,
-        storage,
-        tables=tables,
-        features=features,
-        embeddings=embeddings,
-        dask=cfg.features.dask,
-    )
+    inputs = prepare_inputs(cfg, storage)
+    results = run_ablation_task(cfg, storage, inputs, dask=cfg.features.dask)
     urls = write_ablation_report(results, storage, run_name=cfg.run_name)
     summary = summarise(results)
     markdown = ablation_markdown(summary, run_name=cfg.run_name)

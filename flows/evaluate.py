@@ -20,13 +20,10 @@ from prefect import flow, get_run_logger
 
 from flows.artifacts import print_run, publish_run_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
-from flows.full_pipeline import prepare_inputs
-from tasks.config import Overrides, check_input_files, load_config
-from tasks.evaluation import evaluate_checkpoint_task, expected_metadata, report_prefix
+from flows.stages import evaluate_stage, prepare_inputs
+from tasks.checkpoints import CHECKPOINT_NAMES, checkpoint_url
+from tasks.config import Overrides, PipelineConfig, check_input_files, load_config
 from tasks.storage import Storage
-from tasks.training import checkpoint_url
-
-CHECKPOINT_CHOICES = ("best", "final")
 
 
 @flow(name="lesa-evaluate", log_prints=True)
@@ -43,48 +40,30 @@ def evaluate(
         checkpoint: ``best``, ``final`` (the run's own checkpoints) or a checkpoint path/URL;
             default: ``evaluation.checkpoint`` of the config.
     """
-    logger = get_run_logger()
     cfg = load_config(config, overrides)
     check_input_files(cfg, config)
     storage = Storage(cfg.storage)
     which = checkpoint or cfg.evaluation.checkpoint
-    url = checkpoint_url(storage, cfg.run_name, which) if which in CHECKPOINT_CHOICES else which
+    own = which in CHECKPOINT_NAMES
+    url = checkpoint_url(storage, cfg.run_name, which) if own else which
     if not storage.exists(url):
         raise FileNotFoundError(
             f"checkpoint not found: {url} (train first: python -m flows.full_pipeline "
             f"--config {config})"
         )
-    baselines = {}
-    for name in cfg.evaluation.baselines:
-        if name == "random":
-            continue
-        candidate = checkpoint_url(
-            storage,
-            cfg.run_name,
-            which if which in CHECKPOINT_CHOICES else cfg.evaluation.checkpoint,
-            baseline=name,
-        )
-        if storage.exists(candidate):
-            baselines[name] = candidate
-        else:
-            logger.warning("no %s baseline checkpoint at %s; leaving it out", name, candidate)
+    baselines = _baseline_checkpoints(cfg, storage, which if own else None)
     evaluation_cfg = cfg.evaluation.model_copy(
         update={
             "baselines": [b for b in cfg.evaluation.baselines if b == "random" or b in baselines]
         }
     )
-    tables, features, embeddings = prepare_inputs(cfg, storage)
-    result = evaluate_checkpoint_task(
-        evaluation_cfg,
+    evaluated = cfg.model_copy(update={"evaluation": evaluation_cfg})
+    result = evaluate_stage(
+        evaluated,
         storage,
+        prepare_inputs(cfg, storage),
         checkpoint_url=url,
-        tables=tables,
-        features=features,
-        embeddings=embeddings,
-        image_size=cfg.features.image_size,
-        report_prefix=report_prefix(storage, cfg.run_name),
         baseline_checkpoints=baselines,
-        expected_metadata=expected_metadata(cfg),
     )
     lines = [f"- {line}" for line in result.describe()]
     publish_run_artifacts(cfg.run_name, result, lines)
@@ -95,6 +74,27 @@ def evaluate(
         "checkpoint": url,
         "reports": result.report_urls,
     }
+
+
+def _baseline_checkpoints(
+    cfg: PipelineConfig, storage: Storage, which: str | None
+) -> dict[str, str]:
+    """The run's checkpoints of the model baselines the config scores, where they exist
+    (``which`` of them, or ``evaluation.checkpoint`` when a checkpoint URL was given)."""
+    found = {}
+    for name in cfg.evaluation.baselines:
+        if name == "random":
+            continue
+        candidate = checkpoint_url(
+            storage, cfg.run_name, which or cfg.evaluation.checkpoint, baseline=name
+        )
+        if storage.exists(candidate):
+            found[name] = candidate
+        else:
+            get_run_logger().warning(
+                "no %s baseline checkpoint at %s; leaving it out", name, candidate
+            )
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

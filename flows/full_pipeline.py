@@ -15,26 +15,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.artifacts import print_run, publish_run_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
+from flows.stages import evaluate_stage, prepare_inputs
 from tasks.baselines import fit_eszsl_task, train_mean_pool_task
 from tasks.config import Overrides, PipelineConfig, check_input_files, load_config
-from tasks.datasets import prepare_dataset_task
-from tasks.embeddings import EmbeddingResult, embed_labels_task
-from tasks.evaluation import (
-    EvaluationResult,
-    evaluate_checkpoint_task,
-    expected_metadata,
-    report_prefix,
-)
-from tasks.feature_config import features_prefix
-from tasks.features import FeatureSet, extract_features_task
+from tasks.evaluation import EvaluationResult
+from tasks.stage_inputs import StageInputs
 from tasks.storage import Storage
-from tasks.training import DatasetTables, TrainingOutcome, load_tables_task, train_model_task
+from tasks.training import TrainingOutcome, train_model_task
 
 FLOW_NAME = "lesa"
 
@@ -53,28 +46,19 @@ def summary_lines(
     return lines
 
 
-class PreparedInputs(NamedTuple):
-    """What training and evaluation consume: validated tables, features, label vectors."""
-
-    tables: DatasetTables
-    features: FeatureSet
-    embeddings: EmbeddingResult
-
-
-def prepare_inputs(cfg: PipelineConfig, storage: Storage) -> PreparedInputs:
-    """Dataset -> validated label table -> features -> label embeddings (each reused if done)."""
-    dataset = prepare_dataset_task(cfg.dataset, storage)
-    tables = load_tables_task(storage, dataset)
-    cfg.evaluation.check_ks(len(tables.unseen_labels), tables.name)
-    features = extract_features_task(
-        tables.labels,
-        dataset.images_prefix,
-        cfg.features,
-        storage,
-        features_prefix(storage, dataset.name, cfg.features),
-    )
-    embeddings = embed_labels_task(tables.vocabulary, cfg.embeddings, storage)
-    return PreparedInputs(tables, features, embeddings)
+def train_models(
+    cfg: PipelineConfig, storage: Storage, inputs: StageInputs
+) -> tuple[TrainingOutcome, dict[str, str]]:
+    """Train LESA and the trained baselines the evaluation scores (mean-pool, ESZSL): LESA's
+    outcome and each baseline's checkpoint to evaluate (``evaluation.checkpoint``)."""
+    sections = cfg.training_sections()
+    training = train_model_task(storage, inputs, **sections)
+    baselines = {}
+    for name, task in (("mean-pool", train_mean_pool_task), ("eszsl", fit_eszsl_task)):
+        if name in cfg.evaluation.baselines:
+            urls = task(storage, inputs, **sections, tuning=cfg.evaluation.tuning)
+            baselines[name] = urls[cfg.evaluation.checkpoint]
+    return training, baselines
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -97,26 +81,15 @@ def lesa(
     storage = Storage(cfg.storage)
     logger.info("run %s: storage %s", cfg.run_name, storage.root)
 
-    tables, features, embeddings = prepare_inputs(cfg, storage)
-    training = train_model_task(
-        cfg, storage, tables=tables, features=features, embeddings=embeddings
-    )
-    baseline_checkpoints = {}
-    for name, trainer in (("mean-pool", train_mean_pool_task), ("eszsl", fit_eszsl_task)):
-        if name in cfg.evaluation.baselines:
-            urls = trainer(cfg, storage, tables=tables, features=features, embeddings=embeddings)
-            baseline_checkpoints[name] = urls[cfg.evaluation.checkpoint]
-    evaluation = evaluate_checkpoint_task(
-        cfg.evaluation,
+    inputs = prepare_inputs(cfg, storage)
+    training, baselines = train_models(cfg, storage, inputs)
+    which = cfg.evaluation.checkpoint
+    evaluation = evaluate_stage(
+        cfg,
         storage,
-        checkpoint_url=training.checkpoints[cfg.evaluation.checkpoint],
-        tables=tables,
-        features=features,
-        embeddings=embeddings,
-        image_size=cfg.features.image_size,
-        report_prefix=report_prefix(storage, cfg.run_name),
-        baseline_checkpoints=baseline_checkpoints,
-        expected_metadata=expected_metadata(cfg),
+        inputs,
+        checkpoint_url=training.checkpoints[which],
+        baseline_checkpoints=baselines,
     )
 
     lines = summary_lines(training, evaluation, labels_update)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -28,74 +28,18 @@ import torch
 from distributed import as_completed
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
-from pydantic import Field, field_validator
 
-from lesa_common import StrictModel
-from tasks.embeddings import EmbeddingResult
-from tasks.evaluation import evaluate_checkpoint, expected_metadata, report_prefix
+from tasks.ablation_config import AblationVariant
+from tasks.config import PipelineConfig, apply_overrides
+from tasks.evaluation import evaluate_checkpoint
 from tasks.feature_config import DaskConfig
-from tasks.features import FeatureSet, dask_client
+from tasks.features import dask_client
 from tasks.progress import RunProgress
+from tasks.stage_inputs import StageInputs
 from tasks.storage import Storage
-from tasks.training import DatasetTables, train_model
-
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+from tasks.training import train_model
 
 ABLATION_DIR = "ablation"
-OVERRIDABLE_SECTIONS = ("model", "loss", "train")
-VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9 =._+-]*$"
-
-
-class AblationVariant(StrictModel):
-    """One row of the ablation: a name and the config values it changes."""
-
-    name: str = Field(pattern=VARIANT_NAME, max_length=60)
-    set: dict[str, Any] = Field(default_factory=dict)
-    """Dotted keys under ``model.``, ``loss.`` or ``train.`` and their values."""
-
-    @field_validator("set")
-    @classmethod
-    def _only_training_sections(cls, value: dict[str, Any]) -> dict[str, Any]:
-        outside = [key for key in value if key.split(".", 1)[0] not in OVERRIDABLE_SECTIONS]
-        if outside:
-            raise ValueError(
-                f"ablation variants may only change {', '.join(OVERRIDABLE_SECTIONS)}; "
-                f"got {outside}"
-            )
-        return value
-
-
-def paper_grid() -> list[AblationVariant]:
-    """The paper's ablation (Table 4 / Fig. 5) plus the release's normalisation and selection."""
-    terms = {"loss.div": 0.0, "loss.rel": 0.0, "loss.dist": 0.0}
-    return [
-        AblationVariant(name="LESA"),
-        AblationVariant(name="no div", set={"loss.div": 0.0}),
-        AblationVariant(name="no rel", set={"loss.rel": 0.0}),
-        AblationVariant(name="no dist", set={"loss.dist": 0.0}),
-        AblationVariant(name="rank only", set=terms),
-        *(AblationVariant(name=f"M={m}", set={"model.num_modules": m}) for m in (1, 3, 5, 10)),
-        AblationVariant(name="release normalisation", set={"loss.normalisation": "release"}),
-        AblationVariant(name="select mAP", set={"train.select": "mAP"}),
-        AblationVariant(name="select mix", set={"train.select": "mix", "train.holdout_share": 0.2}),
-    ]
-
-
-class AblationConfig(StrictModel):
-    """The grid ``python -m flows.ablation`` runs: variants x seeds (every cell one run)."""
-
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    variants: list[AblationVariant] = Field(default_factory=paper_grid, min_length=1)
-
-    @field_validator("variants")
-    @classmethod
-    def _unique_names(cls, value: list[AblationVariant]) -> list[AblationVariant]:
-        names = [variant.name for variant in value]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"ablation variant names must be unique; repeated: {repeated}")
-        return value
 
 
 def cell_run_name(run_name: str, variant: str, seed: int) -> str:
@@ -111,8 +55,6 @@ def cell_config(config: PipelineConfig, variant: AblationVariant, seed: int) -> 
     the pseudo-unseen mAP with the run's own seen-label rule. The evaluation scores LESA alone
     (baselines and the pointing game belong to the main run).
     """
-    from tasks.config import PipelineConfig, apply_overrides
-
     own_rule = {}
     if variant.set.get("train.select") == "mix" and config.train.select != "mix":
         own_rule = {"train.select_seen": config.train.select}
@@ -136,26 +78,20 @@ def cell_config(config: PipelineConfig, variant: AblationVariant, seed: int) -> 
 def run_cell(
     config: PipelineConfig,
     storage: Storage,
-    tables: DatasetTables,
-    features: FeatureSet,
-    embeddings: EmbeddingResult,
+    inputs: StageInputs,
     variant: AblationVariant,
     seed: int,
 ) -> dict[str, Any]:
     """Train (or reuse) and evaluate one cell; runs on a Dask worker, one torch thread each."""
     torch.set_num_threads(1)
     cell = cell_config(config, variant, seed)
-    outcome = train_model(cell, storage, tables=tables, features=features, embeddings=embeddings)
+    outcome = train_model(storage, inputs, **cell.training_sections())
     result = evaluate_checkpoint(
         cell.evaluation,
         storage,
+        inputs,
+        run_name=cell.run_name,
         checkpoint_url=outcome.checkpoints[cell.evaluation.checkpoint],
-        tables=tables,
-        features=features,
-        embeddings=embeddings,
-        image_size=cell.features.image_size,
-        report_prefix=report_prefix(storage, cell.run_name),
-        expected_metadata=expected_metadata(cell),
     )
     return {
         "variant": variant.name,
@@ -168,13 +104,7 @@ def run_cell(
 
 
 def run_ablation(
-    config: PipelineConfig,
-    storage: Storage,
-    *,
-    tables: DatasetTables,
-    features: FeatureSet,
-    embeddings: EmbeddingResult,
-    dask: DaskConfig,
+    config: PipelineConfig, storage: Storage, inputs: StageInputs, *, dask: DaskConfig
 ) -> list[dict[str, Any]]:
     """Run every (variant, seed) cell of ``config.ablation`` on Dask; results in grid order.
 
@@ -187,7 +117,7 @@ def run_ablation(
         cell_config(config, variant, seed)
     results: dict[tuple[str, int], dict[str, Any]] = {}
     with dask_client(dask) as client:
-        shared = client.scatter([config, storage, tables, features, embeddings], broadcast=True)
+        shared = client.scatter([config, storage, inputs], broadcast=True)
         futures = [
             client.submit(run_cell, *shared, variant, seed, pure=False) for variant, seed in grid
         ]

@@ -20,8 +20,9 @@ The trained baselines live under ``runs/<run>/baselines/<name>/checkpoints/`` (`
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,25 +38,13 @@ from lesa_model.baselines import (
     tune_mean_pool,
 )
 from lesa_model.checkpoint import save_checkpoint
-from tasks.embeddings import EmbeddingResult
-from tasks.feature_config import feature_key
-from tasks.feature_reader import FeatureStore
-from tasks.features import FeatureSet
+from lesa_model.config import LossConfig, ModelConfig, TrainerConfig
+from tasks.checkpoints import CHECKPOINT_NAMES, CheckpointMetadata, checkpoint_url, read_metadata
 from tasks.hashing import content_hash
 from tasks.retries import retrying_task
+from tasks.stage_inputs import StageInputs
 from tasks.storage import Storage
-from tasks.training import (
-    CHECKPOINTS_DIR,
-    RECORD_FILE,
-    DatasetTables,
-    embedded,
-    run_prefix,
-    split_source,
-    training_key,
-)
-
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+from tasks.training import RECORD_FILE, TrainingData, training_data, training_key
 
 BaselineName = Literal["mean-pool", "eszsl", "random"]
 TRAINED_BASELINES: tuple[BaselineName, ...] = ("mean-pool", "eszsl")
@@ -87,38 +76,56 @@ def random_ranking(num_images: int, num_labels: int, *, seed: int = 0) -> np.nda
 
 def checkpoint_urls(storage: Storage, run_name: str, name: str) -> dict[str, str]:
     """``best`` and ``final`` checkpoint URLs of a trained baseline."""
-    prefix = f"{run_prefix(storage, run_name, name)}/{CHECKPOINTS_DIR}"
-    return {which: f"{prefix}/{which}.pt" for which in ("best", "final")}
+    return {which: checkpoint_url(storage, run_name, which, name) for which in CHECKPOINT_NAMES}
 
 
 class _Inputs:
-    """The seen labels, their vectors and the pooled train/val features of a run."""
+    """The seen labels, their vectors and the pooled train/val features of a run, the key of
+    LESA's training on them, and the metadata every baseline checkpoint carries."""
 
     def __init__(
         self,
-        config: PipelineConfig,
         storage: Storage,
-        tables: DatasetTables,
-        features: FeatureSet,
-        embeddings: EmbeddingResult,
+        inputs: StageInputs,
+        *,
+        run_name: str,
+        model: ModelConfig,
+        loss: LossConfig,
+        trainer: TrainerConfig,
     ) -> None:
-        self.seen = embedded(tables.seen_labels, embeddings)
-        if not self.seen:
-            raise ValueError("no seen label has a word vector: nothing to train on")
-        self.vectors = embeddings.vectors(self.seen)
-        store = FeatureStore(features.manifest_url, storage)
-        train = split_source(tables, store, "train", self.seen)
-        val = split_source(tables, store, "val", self.seen)
-        if train is None or val is None:
+        self.data: TrainingData = training_data(inputs, storage)
+        if self.data.val is None:
             raise ValueError(
-                f"dataset {tables.name}: the baselines need train and val images with features"
+                f"dataset {inputs.tables.name}: the baselines need val images with features"
             )
-        self.key = training_key(config, config.model, self.seen, self.vectors, train, val)
-        self.sources = train, val
+        self.key = training_key(
+            model, loss, trainer, inputs.features.key, inputs.embeddings.source, self.data
+        )
+        self.run_name = run_name
+        self.stage_inputs = inputs
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self.data.vectors
 
     def pooled(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-        train, val = self.sources
-        return pool_regions(train), pool_regions(val)
+        return pool_regions(self.data.train), pool_regions(self.data.val)
+
+    def metadata(self, name: str, key: str) -> CheckpointMetadata:
+        """What evaluation checks before scoring the baseline (as for LESA's checkpoints)."""
+        inputs = self.stage_inputs
+        return CheckpointMetadata(
+            run_name=self.run_name,
+            baseline=name,
+            training_key=key,
+            dataset=inputs.tables.name,
+            seen_labels=self.data.seen,
+            unseen_labels=self.data.unseen,
+            embedding_source=inputs.embeddings.source,
+            embedding_dim=int(self.vectors.shape[1]),
+            feature_key=inputs.features.key,
+            features=inputs.features.identity,
+        )
 
 
 def _reusable(storage: Storage, record_url: str, key: str) -> bool:
@@ -130,47 +137,38 @@ def _reusable(storage: Storage, record_url: str, key: str) -> bool:
     )
 
 
-def _metadata(config: PipelineConfig, name: str, key: str) -> dict[str, Any]:
-    """What evaluation checks before scoring a baseline (``tasks.evaluation.expected_metadata``)."""
-    return {
-        "run_name": config.run_name,
-        "baseline": name,
-        "training_key": key,
-        "feature_key": feature_key(config.features),
-        "embedding_source": config.embeddings.source.identity,
-    }
-
-
 def train_mean_pool(
-    config: PipelineConfig,
     storage: Storage,
+    inputs: StageInputs,
     *,
-    tables: DatasetTables,
-    features: FeatureSet,
-    embeddings: EmbeddingResult,
+    run_name: str,
+    model: ModelConfig,
+    loss: LossConfig,
+    trainer: TrainerConfig,
+    val_ks: Sequence[int],
+    tuning: BaselineTuning,
 ) -> dict[str, str]:
     """Tune and train the mean-pool baseline (or reuse an identical finished one); its URLs."""
-    inputs = _Inputs(config, storage, tables, features, embeddings)
-    tuning = config.evaluation.tuning
-    key = content_hash(["mean-pool", inputs.key, tuning.mean_pool_lr, tuning.mean_pool_l2], 16)
-    urls = checkpoint_urls(storage, config.run_name, "mean-pool")
+    run = _Inputs(storage, inputs, run_name=run_name, model=model, loss=loss, trainer=trainer)
+    key = content_hash(["mean-pool", run.key, tuning.mean_pool_lr, tuning.mean_pool_l2], 16)
+    urls = checkpoint_urls(storage, run_name, "mean-pool")
     record_url = urls["best"].rsplit("/", 1)[0] + f"/{RECORD_FILE}"
     if _reusable(storage, record_url, key):
         return urls
-    train, val = inputs.pooled()
-    candidates = mean_pool_grid(tuning.mean_pool_lr, [config.train.steps], tuning.mean_pool_l2)
+    train, val = run.pooled()
+    candidates = mean_pool_grid(tuning.mean_pool_lr, [trainer.steps], tuning.mean_pool_l2)
     with tempfile.TemporaryDirectory(prefix="mean-pool-") as workdir:
         fit = tune_mean_pool(
             train,
             val,
-            inputs.vectors,
-            model_cfg=config.model,
-            loss_cfg=config.loss,
-            trainer_cfg=config.train.model_copy(update={"epochs": None}),
+            run.vectors,
+            model_cfg=model,
+            loss_cfg=loss,
+            trainer_cfg=trainer.model_copy(update={"epochs": None}),
             candidates=candidates,
             checkpoint_root=workdir,
-            ks=config.evaluation.ks,
-            metadata=_metadata(config, "mean-pool", key),
+            ks=val_ks,
+            metadata=run.metadata("mean-pool", key).model_dump(mode="json"),
         )
         result = fit.result
         storage.upload_file(result.best_checkpoint or result.final_checkpoint, urls["best"])
@@ -189,30 +187,36 @@ def train_mean_pool(
 
 
 def fit_eszsl_baseline(
-    config: PipelineConfig,
     storage: Storage,
+    inputs: StageInputs,
     *,
-    tables: DatasetTables,
-    features: FeatureSet,
-    embeddings: EmbeddingResult,
+    run_name: str,
+    model: ModelConfig,
+    loss: LossConfig,
+    trainer: TrainerConfig,
+    val_ks: Sequence[int],
+    tuning: BaselineTuning,
 ) -> dict[str, str]:
-    """Fit ESZSL with ridge weights chosen on validation (or reuse an identical fit); its URLs."""
-    inputs = _Inputs(config, storage, tables, features, embeddings)
-    tuning = config.evaluation.tuning
-    key = content_hash(["eszsl", inputs.key, tuning.eszsl_gamma, tuning.eszsl_lam], 16)
-    urls = checkpoint_urls(storage, config.run_name, "eszsl")
+    """Fit ESZSL with ridge weights chosen on validation (or reuse an identical fit); its URLs.
+
+    ``model`` and ``loss`` only enter the key (LESA's training key on these inputs), so a
+    change of the run's inputs refits it.
+    """
+    run = _Inputs(storage, inputs, run_name=run_name, model=model, loss=loss, trainer=trainer)
+    key = content_hash(["eszsl", run.key, tuning.eszsl_gamma, tuning.eszsl_lam], 16)
+    urls = checkpoint_urls(storage, run_name, "eszsl")
     record_url = urls["best"].rsplit("/", 1)[0] + f"/{RECORD_FILE}"
     if _reusable(storage, record_url, key):
         return urls
-    train, val = inputs.pooled()
+    train, val = run.pooled()
     fit = tune_eszsl(
         train,
         val,
-        inputs.vectors,
-        config.train,
+        run.vectors,
+        trainer,
         gammas=tuning.eszsl_gamma,
         lams=tuning.eszsl_lam,
-        ks=config.evaluation.ks,
+        ks=val_ks,
     )
     payload = {
         "format": ESZSL_FORMAT,
@@ -221,7 +225,7 @@ def fit_eszsl_baseline(
         "gamma": fit.gamma,
         "lam": fit.lam,
         "validation": fit.validation,
-        "metadata": _metadata(config, "eszsl", key),
+        "metadata": run.metadata("eszsl", key).model_dump(mode="json"),
     }
     with tempfile.TemporaryDirectory(prefix="eszsl-") as workdir:
         local = save_checkpoint(Path(workdir) / "eszsl.pt", payload)
@@ -234,8 +238,10 @@ def fit_eszsl_baseline(
     return urls
 
 
-def load_eszsl(storage: Storage, url: str) -> tuple[EszslFit, dict[str, Any]]:
+def load_eszsl(storage: Storage, url: str) -> tuple[EszslFit, CheckpointMetadata]:
     """An ESZSL fit written by :func:`fit_eszsl_baseline` and its metadata."""
+    if not storage.exists(url):
+        raise FileNotFoundError(f"checkpoint not found: {url}")
     payload = torch.load(storage.local_copy(url), map_location="cpu", weights_only=True)
     if payload.get("format") != ESZSL_FORMAT:
         raise ValueError(f"{url} is not an ESZSL baseline file ({ESZSL_FORMAT})")
@@ -246,7 +252,7 @@ def load_eszsl(storage: Storage, url: str) -> tuple[EszslFit, dict[str, Any]]:
         lam=float(payload["lam"]),
         validation=dict(payload["validation"]),
     )
-    return fit, dict(payload["metadata"])
+    return fit, read_metadata(dict(payload["metadata"]), url)
 
 
 train_mean_pool_task = retrying_task("train-mean-pool-baseline", retries=1, cache_policy=NO_CACHE)(

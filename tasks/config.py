@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, WithJsonSchema, model_validator
 
 from lesa_common import StrictModel
 from lesa_model.config import LossConfig, ModelConfig, TrainerConfig
-from tasks.ablation import AblationConfig
+from tasks.ablation_config import AblationConfig
 from tasks.backbones import PRETRAINED, RANDOM
 from tasks.datasets import DatasetConfig
 from tasks.embeddings import EmbeddingConfig
@@ -102,6 +102,18 @@ class PipelineConfig(StrictModel):
                 f"F1 at one of those K (or mAP): validation and evaluation use one K setting"
             )
         return self
+
+    def training_sections(self) -> dict[str, Any]:
+        """The sections the training stages take (LESA's and the trained baselines'), as
+        keyword arguments: the run's name, model, loss and trainer settings, and the K the
+        validation reports (the evaluation's)."""
+        return {
+            "run_name": self.run_name,
+            "model": self.model,
+            "loss": self.loss,
+            "trainer": self.train,
+            "val_ks": self.evaluation.ks,
+        }
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -203,13 +203,20 @@ class EmbeddingConfig(StrictModel):
 
 @dataclass(frozen=True)
 class EmbeddingResult:
-    """Embedded labels (a validated LabelEmbeddings table), the OOV report and coverage."""
+    """Embedded labels (a validated LabelEmbeddings table), the OOV report, coverage and the
+    source the vectors came from."""
 
     embeddings: pd.DataFrame
     oov: pd.DataFrame
     coverage: float
+    source: SourceKind
     url: str | None = None
     cached: bool = False
+
+    def embedded(self, labels: Sequence[str]) -> list[str]:
+        """``labels`` that have a vector (``oov: drop`` may have dropped some), in order."""
+        known = set(self.embeddings["label"].astype(str))
+        return [label for label in labels if label in known]
 
     @property
     def dim(self) -> int:
@@ -391,7 +398,7 @@ def _result(
             raise OOVError(f"{message}; set embeddings.oov='drop' to drop them", oov)
         logger.warning("%s; dropping them", message)
         warnings.warn(f"{message}; dropping them", OOVWarning, stacklevel=3)
-    return EmbeddingResult(embeddings, oov, coverage, url=url, cached=cached)
+    return EmbeddingResult(embeddings, oov, coverage, config.source, url=url, cached=cached)
 
 
 def embed_labels(

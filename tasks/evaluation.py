@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -22,26 +23,22 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from lesa_common import StrictModel
 from lesa_model.attention import PointingGameResult, centre_crop_box, pointing_game
 from lesa_model.baselines import pool_regions
-from lesa_model.checkpoint import load_model
 from lesa_model.inference import attention_for, score
 from lesa_model.metrics import evaluate_zero_shot
 from lesa_model.model import LESA
 from tasks import reports
 from tasks.backbones import resize_side
 from tasks.baselines import BaselineName, BaselineTuning, load_eszsl, random_ranking
-from tasks.embeddings import EmbeddingResult
-from tasks.feature_config import feature_key
+from tasks.checkpoints import load_trained_model
 from tasks.feature_reader import FeatureBatches, FeatureStore
-from tasks.features import FeatureSet
 from tasks.images import resolve_uri
 from tasks.retries import retrying_task
+from tasks.stage_inputs import StageInputs, split_source
 from tasks.storage import Storage
-from tasks.training import DatasetTables, embedded, split_source
-
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
 
 REPORTS_DIR = "reports"
+POINTING_BATCH = 64
+"""Images whose attention over every label is computed at once for the pointing game."""
 
 
 class EvaluationConfig(StrictModel):
@@ -120,34 +117,48 @@ class EvaluationResult(BaseModel):
         return lines
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was trained on other features or word vectors than the run provides."""
+@dataclass(frozen=True)
+class ZeroShotSplit:
+    """The test images that have features, scored against the seen then the unseen labels."""
+
+    source: FeatureBatches
+    store: FeatureStore
+    seen: list[str]
+    unseen: list[str]
+    vectors: np.ndarray
+    """(C, d) word vectors of ``names``."""
+
+    @property
+    def names(self) -> list[str]:
+        return self.seen + self.unseen
+
+    @property
+    def columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """Column indices of the seen and of the unseen labels."""
+        return np.arange(len(self.seen)), np.arange(len(self.seen), len(self.names))
+
+    @property
+    def is_seen(self) -> np.ndarray:
+        return np.arange(len(self.names)) < len(self.seen)
 
 
-def _load_checkpoint(
-    storage: Storage, url: str, expected: Mapping[str, object] | None = None
-) -> LESA:
-    """Load a checkpoint, refusing one whose metadata contradicts ``expected``.
+def zero_shot_split(inputs: StageInputs, storage: Storage) -> ZeroShotSplit:
+    """The test split of ``inputs``; an error when zero-shot cannot be evaluated on it."""
+    seen, unseen = inputs.seen_labels, inputs.unseen_labels
+    if not unseen:
+        raise ValueError("no unseen label has a word vector: zero-shot cannot be evaluated")
+    store = inputs.feature_store(storage)
+    source = split_source(inputs.tables, store, "test", seen + unseen)
+    if source is None:
+        raise ValueError(f"dataset {inputs.tables.name}: no test image has features")
+    return ZeroShotSplit(source, store, seen, unseen, inputs.embeddings.vectors(seen + unseen))
 
-    A model trained on other features (backbone, preprocessing) or other word vectors would
-    score, but meaninglessly; the metadata written at training time makes that detectable.
-    """
-    if not storage.exists(url):
-        raise FileNotFoundError(f"checkpoint not found: {url}")
-    model, metadata = load_model(storage.local_copy(url))
-    _check_metadata(url, metadata, expected)
+
+def _scoring_model(storage: Storage, url: str, inputs: StageInputs) -> LESA:
+    """A checkpoint's model, refused unless it was trained on these features and vectors."""
+    model, metadata = load_trained_model(storage, url)
+    metadata.check_trained_on(url, inputs.features.key, inputs.embeddings.source)
     return model
-
-
-def _check_metadata(
-    url: str, metadata: Mapping[str, object], expected: Mapping[str, object] | None
-) -> None:
-    for key, value in (expected or {}).items():
-        if key in metadata and metadata[key] != value:
-            raise CheckpointMismatchError(
-                f"checkpoint {url} was trained with {key} = {metadata[key]!r}, but this run "
-                f"has {value!r}; evaluate it with the config it was trained with"
-            )
 
 
 def _image_size(storage: Storage, url: str) -> tuple[int, int]:
@@ -157,31 +168,27 @@ def _image_size(storage: Storage, url: str) -> tuple[int, int]:
 
 def pointing_for(
     model: LESA,
-    store: FeatureStore,
-    tables: DatasetTables,
-    features: FeatureSet,
+    inputs: StageInputs,
+    test: ZeroShotSplit,
     storage: Storage,
     *,
-    image_size: int,
-    label_names: Sequence[str],
-    label_vectors: np.ndarray,
     max_pairs: int,
     seed: int = 0,
-    batch_size: int = 64,
 ) -> PointingGameResult | None:
     """Pointing game over test (image, present label) pairs that have a box.
 
     The region grid covers the centre crop the backbone saw (resize to ``resize_side``, then
-    crop ``image_size``), so that rectangle is passed as each pair's region box. Attention is
+    crop the image size), so that rectangle is passed as each pair's region box. Attention is
     computed a batch of images at a time for every label, then picked per pair.
     """
+    tables, grid = inputs.tables, inputs.features.grid
     if tables.boxes is None or tables.boxes.empty or max_pairs == 0:
         return None
-    test = tables.split("test")
-    column = {label: index for index, label in enumerate(label_names)}
+    images = tables.split("test")
+    column = {label: index for index, label in enumerate(test.names)}
     boxes = tables.boxes[
-        tables.boxes["image_id"].isin(test["image_id"])
-        & tables.boxes["image_id"].isin(store.index.index)
+        tables.boxes["image_id"].isin(images["image_id"])
+        & tables.boxes["image_id"].isin(test.store.index.index)
         & tables.boxes["label"].isin(list(column))
     ]
     if boxes.empty:
@@ -190,27 +197,28 @@ def pointing_for(
         boxes = boxes.sample(n=max_pairs, random_state=seed)
     boxes = boxes.sort_values(["image_id", "label"]).reset_index(drop=True)
     image_ids = boxes["image_id"].unique().tolist()
-    weights = np.empty((len(boxes), features.grid[0] * features.grid[1]), dtype=np.float32)
-    for start in range(0, len(image_ids), batch_size):
-        chunk = image_ids[start : start + batch_size]
-        _, chunk_weights = attention_for(model, store.read(chunk), label_vectors)
+    weights = np.empty((len(boxes), grid[0] * grid[1]), dtype=np.float32)
+    for start in range(0, len(image_ids), POINTING_BATCH):
+        chunk = image_ids[start : start + POINTING_BATCH]
+        _, chunk_weights = attention_for(model, test.store.read(chunk), test.vectors)
         rows = boxes.index[boxes["image_id"].isin(chunk)]
         position = {image_id: index for index, image_id in enumerate(chunk)}
-        images = [position[image_id] for image_id in boxes.loc[rows, "image_id"]]
+        pairs = [position[image_id] for image_id in boxes.loc[rows, "image_id"]]
         labels = [column[label] for label in boxes.loc[rows, "label"]]
-        weights[rows] = chunk_weights[images, labels]
-    uris = test.set_index("image_id")["uri"]
+        weights[rows] = chunk_weights[pairs, labels]
+    uris = images.set_index("image_id")["uri"]
     urls = [resolve_uri(str(uris[image_id]), tables.images_prefix) for image_id in image_ids]
     with ThreadPoolExecutor(max_workers=8) as pool:
         size_of = dict(
             zip(image_ids, pool.map(lambda url: _image_size(storage, url), urls), strict=True)
         )
     sizes = np.array([size_of[image_id] for image_id in boxes["image_id"]], dtype=np.float64)
+    image_size = inputs.features.identity.image_size
     crop = image_size / resize_side(image_size)
     region_boxes = np.array([centre_crop_box((w, h), crop) for w, h in sizes])
     return pointing_game(
         weights,
-        features.grid,
+        grid,
         boxes[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.float64),
         sizes,
         region_boxes=region_boxes,
@@ -220,72 +228,39 @@ def pointing_for(
 def evaluate_checkpoint(
     config: EvaluationConfig,
     storage: Storage,
+    inputs: StageInputs,
     *,
+    run_name: str,
     checkpoint_url: str,
-    tables: DatasetTables,
-    features: FeatureSet,
-    embeddings: EmbeddingResult,
-    image_size: int,
-    report_prefix: str,
     baseline_checkpoints: Mapping[str, str] | None = None,
-    expected_metadata: Mapping[str, object] | None = None,
 ) -> EvaluationResult:
-    """Score the test split with a checkpoint, compute ZSL/GZSL metrics, write the report.
+    """Score the test split with a checkpoint, compute ZSL/GZSL metrics, write the report
+    under ``runs/<run_name>/reports``.
 
     ``baseline_checkpoints`` maps a model baseline (``mean-pool``) to its checkpoint URL;
-    ``random`` needs none. ``image_size`` is the backbone input size (for the pointing game).
-    ``expected_metadata`` (e.g. ``feature_key``, ``embedding_source``) must match what the
-    checkpoint recorded at training time.
+    ``random`` needs none. Every checkpoint must have been trained on the features and word
+    vectors of ``inputs`` (its metadata says).
     """
-    seen = embedded(tables.seen_labels, embeddings)
-    unseen = embedded(tables.unseen_labels, embeddings)
-    if not unseen:
-        raise ValueError("no unseen label has a word vector: zero-shot cannot be evaluated")
-    config.check_ks(len(unseen), tables.name)
-    names = seen + unseen
-    vectors = embeddings.vectors(names)
-    store = FeatureStore(features.manifest_url, storage)
-    test = split_source(tables, store, "test", names)
-    if test is None:
-        raise ValueError(f"dataset {tables.name}: no test image has features")
-    seen_columns = np.arange(len(seen))
-    unseen_columns = np.arange(len(seen), len(names))
-    is_seen = np.arange(len(names)) < len(seen)
-
-    model = _load_checkpoint(storage, checkpoint_url, expected_metadata)
-    scores = score(model, test, vectors, batch_size=config.batch_size)
-    metrics = evaluate_zero_shot(scores, test.labels, seen_columns, unseen_columns, config.ks)
+    test = zero_shot_split(inputs, storage)
+    config.check_ks(len(test.unseen), inputs.tables.name)
+    ks = config.ks
+    model = _scoring_model(storage, checkpoint_url, inputs)
+    scores = score(model, test.source, test.vectors, batch_size=config.batch_size)
+    metrics = evaluate_zero_shot(scores, test.source.labels, *test.columns, ks)
     baselines = _baseline_metrics(
-        config,
-        storage,
-        test=test,
-        vectors=vectors,
-        columns=(seen_columns, unseen_columns),
-        ks=config.ks,
-        checkpoints=baseline_checkpoints or {},
-        expected=expected_metadata,
+        config, storage, inputs, test, ks=ks, checkpoints=baseline_checkpoints or {}
     )
-    label_ap = reports.label_ap_table(scores, test.labels, names, is_seen)
-    curve = reports.topk_curve(scores, test.labels, is_seen)
+    label_ap = reports.label_ap_table(scores, test.source.labels, test.names, test.is_seen)
     pointing = pointing_for(
-        model,
-        store,
-        tables,
-        features,
-        storage,
-        image_size=image_size,
-        label_names=names,
-        label_vectors=vectors,
-        max_pairs=config.pointing_pairs,
-        seed=config.seed,
+        model, inputs, test, storage, max_pairs=config.pointing_pairs, seed=config.seed
     )
-    rejects = reports.reject_summary(storage, features.rejects_url)
+    rejects = reports.reject_summary(storage, inputs.features.rejects_url)
     artifacts = reports.write_report(
         metrics,
         label_ap=label_ap,
-        curve=curve,
+        curve=reports.topk_curve(scores, test.source.labels, test.is_seen),
         storage=storage,
-        prefix=report_prefix,
+        prefix=report_prefix(storage, run_name),
         baselines=baselines,
         pointing=pointing,
         rejects=rejects,
@@ -297,9 +272,9 @@ def evaluate_checkpoint(
         report_markdown=reports.report_markdown(
             metrics, baselines=baselines, label_ap=label_ap, pointing=pointing, rejects=rejects
         ),
-        num_images=test.num_images,
-        seen_labels=seen,
-        unseen_labels=unseen,
+        num_images=test.source.num_images,
+        seen_labels=test.seen,
+        unseen_labels=test.unseen,
         pointing=None if pointing is None else reports.pointing_summary(pointing),
         rejects=rejects,
     )
@@ -308,28 +283,28 @@ def evaluate_checkpoint(
 def _baseline_metrics(
     config: EvaluationConfig,
     storage: Storage,
+    inputs: StageInputs,
+    test: ZeroShotSplit,
     *,
-    test: FeatureBatches,
-    vectors: np.ndarray,
-    columns: tuple[np.ndarray, np.ndarray],
     ks: Sequence[int],
     checkpoints: Mapping[str, str],
-    expected: Mapping[str, object] | None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     results = {}
     for name in config.baselines:
         if name == "random":
-            scores = random_ranking(test.num_images, len(vectors), seed=config.seed)
+            scores = random_ranking(test.source.num_images, len(test.names), seed=config.seed)
         elif name == "eszsl" and name in checkpoints:
             fit, metadata = load_eszsl(storage, checkpoints[name])
-            _check_metadata(checkpoints[name], metadata, expected)
-            scores = fit.scores(pool_regions(test, config.batch_size)[0], vectors)
+            metadata.check_trained_on(
+                checkpoints[name], inputs.features.key, inputs.embeddings.source
+            )
+            scores = fit.scores(pool_regions(test.source, config.batch_size)[0], test.vectors)
         elif name in checkpoints:
-            model = _load_checkpoint(storage, checkpoints[name], expected)
-            scores = score(model, test, vectors, batch_size=config.batch_size)
+            model = _scoring_model(storage, checkpoints[name], inputs)
+            scores = score(model, test.source, test.vectors, batch_size=config.batch_size)
         else:
             raise ValueError(f"baseline {name!r} needs a trained checkpoint; none was given")
-        results[name] = evaluate_zero_shot(scores, test.labels, *columns, ks)
+        results[name] = evaluate_zero_shot(scores, test.source.labels, *test.columns, ks)
     return results
 
 
@@ -341,11 +316,3 @@ evaluate_checkpoint_task = retrying_task("evaluate", retries=1, cache_policy=NO_
 def report_prefix(storage: Storage, run_name: str) -> str:
     """``runs/<run>/reports`` under the storage root."""
     return storage.url("runs", run_name, REPORTS_DIR)
-
-
-def expected_metadata(config: PipelineConfig) -> dict[str, object]:
-    """What a checkpoint must have been trained on to be scored with ``config``'s inputs."""
-    return {
-        "feature_key": feature_key(config.features),
-        "embedding_source": config.embeddings.source.identity,
-    }

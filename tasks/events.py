@@ -14,7 +14,7 @@ training inputs); the event says which case it expects.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import pandas as pd
 from prefect import task
@@ -22,12 +22,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict
 
+from tasks.config import PipelineConfig
 from tasks.datasets.base import LABELS_FILE, VOCABULARY_FILE, dataset_url
 from tasks.datasets.table import TableConfig, parse_vocabulary, read_user_table
 from tasks.storage import Storage
-
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
 
 LABELS_UPDATED_EVENT = "lesa.labels.updated"
 """Name of the Prefect event emitted when a dataset's labels change."""

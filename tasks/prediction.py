@@ -24,20 +24,19 @@ import torch
 from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from tqdm.auto import tqdm
 
 from lesa_model.attention import attention_grid_figure, centre_crop_box, heatmap_overlay
-from lesa_model.checkpoint import load_model
 from lesa_model.inference import attention_for
 from lesa_model.model import LESA
 from tasks import backbones
 from tasks.backbones import Backbone, region_features
+from tasks.checkpoints import CheckpointMetadata, load_trained_model
 from tasks.embeddings import EmbeddingConfig, OOVError, embed_words
-from tasks.feature_config import FeatureIdentity, feature_key
+from tasks.feature_config import FeatureIdentity
 from tasks.images import ImageRejected, read_image
 from tasks.storage import Storage
 
@@ -60,13 +59,21 @@ class PredictionError(ValueError):
 
 @dataclass(frozen=True)
 class Predictor:
-    """A trained model plus what it takes to feed it: its feature and embedding settings."""
+    """A trained model plus what its checkpoint says it was trained on."""
 
     model: LESA
-    metadata: dict[str, Any]
-    features: FeatureIdentity
-    embeddings: EmbeddingConfig
+    metadata: CheckpointMetadata
     checkpoint_url: str
+
+    @property
+    def features(self) -> FeatureIdentity:
+        """The features the model was trained on, which new images must be turned into."""
+        return self.metadata.features
+
+    @property
+    def embeddings(self) -> EmbeddingConfig:
+        """The model's word vectors; a label they cannot embed is an error, not dropped."""
+        return EmbeddingConfig(source=self.metadata.embedding_source, oov="fail", cache=False)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -75,14 +82,13 @@ class Predictor:
 
     @property
     def seen_labels(self) -> list[str]:
-        """Labels the model was trained on (empty if the checkpoint does not say)."""
-        return [str(label) for label in self.metadata.get("seen_labels", [])]
+        """Labels the model was trained on."""
+        return self.metadata.seen_labels
 
     @property
     def known_labels(self) -> list[str]:
         """Seen then unseen labels recorded at training time: the default label list."""
-        unseen = [str(label) for label in self.metadata.get("unseen_labels", [])]
-        return list(dict.fromkeys(self.seen_labels + unseen))
+        return self.metadata.known_labels
 
 
 @dataclass(frozen=True)
@@ -172,67 +178,18 @@ class PredictionArtifacts:
 
 
 def load_predictor(checkpoint: str, storage: Storage) -> Predictor:
-    """Load a checkpoint (path or URL) and the feature/embedding settings its metadata names."""
-    if not storage.exists(checkpoint):
-        raise PredictionError(f"checkpoint not found: {checkpoint}")
+    """Load a checkpoint (path or URL) and what its metadata says it was trained on."""
     try:
-        model, metadata = load_model(storage.local_copy(checkpoint))
-    except ValueError as error:
+        model, metadata = load_trained_model(storage, checkpoint)
+    except (FileNotFoundError, ValueError) as error:
         raise PredictionError(str(error)) from error
-    features = checkpoint_features(metadata, checkpoint)
-    source = metadata.get("embedding_source")
-    if not source:
-        raise PredictionError(
-            f"checkpoint {checkpoint} does not name its embedding source (metadata "
-            "'embedding_source'); it was not written by the training stage"
-        )
-    embeddings = EmbeddingConfig(source=source, oov="fail", cache=False)
-    h, w = features.grid
-    if model.grid is not None and tuple(model.grid) != (h, w):
+    grid = metadata.features.grid
+    if model.grid is not None and tuple(model.grid) != grid:
         raise PredictionError(
             f"checkpoint {checkpoint}: model grid {model.grid} differs from the backbone's "
-            f"grid {(h, w)}"
+            f"grid {grid}"
         )
-    return Predictor(model, metadata, features, embeddings, checkpoint)
-
-
-def checkpoint_features(
-    metadata: dict[str, Any], checkpoint: str = "checkpoint"
-) -> FeatureIdentity:
-    """The :class:`FeatureIdentity` the checkpoint's model was trained on.
-
-    Uses the full ``features`` section when the metadata carries one; otherwise rebuilds it from
-    ``backbone``, ``image_size`` and ``preprocessing`` with the default weights and dtype, and
-    accepts it only if it reproduces the recorded ``feature_key`` (features computed any other
-    way would silently feed the model numbers it never saw).
-    """
-    if isinstance(metadata.get("features"), dict):
-        try:
-            return FeatureIdentity.model_validate(metadata["features"])
-        except ValidationError as error:
-            raise PredictionError(f"{checkpoint}: invalid features metadata: {error}") from error
-    missing = [key for key in ("backbone", "image_size", "feature_key") if key not in metadata]
-    if missing:
-        raise PredictionError(
-            f"{checkpoint}: metadata lacks {missing}; cannot tell which backbone made its features"
-        )
-    preprocessing = str(metadata.get("preprocessing") or "")
-    kind = preprocessing.split("-resize", 1)[0] or None
-    try:
-        config = FeatureIdentity(
-            backbone=metadata["backbone"],
-            image_size=int(metadata["image_size"]),
-            preprocessing=kind,
-        )
-    except (ValidationError, ValueError) as error:
-        raise PredictionError(f"{checkpoint}: unusable feature metadata: {error}") from error
-    if feature_key(config) != metadata["feature_key"]:
-        raise PredictionError(
-            f"{checkpoint}: its features ({metadata['feature_key']}) were not made with "
-            f"{config.backbone}'s default weights and dtype ({feature_key(config)}), and the "
-            "metadata has no 'features' section saying how they were made"
-        )
-    return config
+    return Predictor(model, metadata, checkpoint)
 
 
 def parse_labels(spec: str, storage: Storage) -> list[str]:

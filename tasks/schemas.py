@@ -16,15 +16,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
-if TYPE_CHECKING:
-    from tasks.storage import Storage
+from tasks.storage import Storage
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 FEATURE_DTYPES: tuple[str, ...] = ("float16", "float32")

@@ -8,9 +8,9 @@ storage root the trainer writes straight into the storage folder.
 A run is recognised by its *training key*: a hash of everything that changes the trained
 weights (model, loss and trainer sections, feature key and the stored bytes of the shards
 trained on, seen labels and their vectors, the train/val images and their seen-label
-annotations). A finished run with the same key is reused
-as it is. Unseen labels are not part of the key, so adding unseen labels to the vocabulary
-reuses the trained model, and evaluation scores them zero-shot.
+annotations). A finished run with the same key is reused as it is. Unseen labels are not part
+of the key, so adding unseen labels to the vocabulary reuses the trained model, and evaluation
+scores them zero-shot.
 """
 
 from __future__ import annotations
@@ -18,123 +18,34 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
-from lesa_model.config import ModelConfig
+from lesa_model.config import LossConfig, ModelConfig, TrainerConfig
 from lesa_model.model import LESA
-from lesa_model.trainer import Trainer
-from tasks import schemas
-from tasks.datasets import DatasetArtifacts
-from tasks.datasets.base import check_usable
-from tasks.embeddings import EmbeddingResult
-from tasks.feature_config import feature_key
-from tasks.feature_reader import FeatureBatches, FeatureStore
-from tasks.features import FeatureSet
+from lesa_model.trainer import Trainer, TrainResult
+from tasks.checkpoints import CHECKPOINTS_DIR, CheckpointMetadata, run_prefix
+from tasks.embeddings import SourceKind
+from tasks.feature_reader import FeatureBatches
 from tasks.hashing import array_digest, content_hash
 from tasks.progress import RunProgress
 from tasks.retries import retrying_task
+from tasks.stage_inputs import StageInputs, split_source
 from tasks.storage import Storage, is_local
-
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
 RECORD_FILE = "training.json"
 """Written next to the checkpoints: the training key, status and checkpoint URLs."""
 SYNC_INTERVAL_S = 15.0
-
-
-# -- label tables ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DatasetTables:
-    """A prepared dataset's validated tables, as the training and evaluation stages use them."""
-
-    name: str
-    labels: pd.DataFrame
-    vocabulary: pd.DataFrame
-    images_prefix: str
-    boxes: pd.DataFrame | None = None
-
-    @property
-    def seen_labels(self) -> list[str]:
-        return self.vocabulary.loc[self.vocabulary["seen"], "label"].astype(str).tolist()
-
-    @property
-    def unseen_labels(self) -> list[str]:
-        return self.vocabulary.loc[~self.vocabulary["seen"], "label"].astype(str).tolist()
-
-    def split(self, name: str) -> pd.DataFrame:
-        """Rows of one split (``train``, ``val``, ``test``), in table order."""
-        return self.labels[self.labels["split"] == name]
-
-
-def load_tables(storage: Storage, dataset: DatasetArtifacts) -> DatasetTables:
-    """Read and validate the label table, vocabulary and boxes of a prepared dataset.
-
-    This is the stage boundary before features and training: a table that does not match its
-    schema, or a dataset a run cannot use (no seen or unseen labels, no train or test images),
-    stops the run here, naming the file, column, rule and example rows.
-    """
-    vocabulary = schemas.read_validated(
-        storage, dataset.vocabulary_url, schemas.Vocabulary, stage="label table"
-    )
-    labels = schemas.read_validated(
-        storage,
-        dataset.label_table_url,
-        schemas.LabelTable,
-        stage="label table",
-        vocabulary=vocabulary,
-    )
-    check_usable(dataset.name, labels, vocabulary)
-    boxes = None
-    if dataset.boxes_url is not None:
-        boxes = schemas.read_validated(
-            storage, dataset.boxes_url, schemas.ObjectBoxes, stage="label table"
-        )
-    return DatasetTables(
-        name=dataset.name,
-        labels=labels.reset_index(drop=True),
-        vocabulary=vocabulary.reset_index(drop=True),
-        images_prefix=dataset.images_prefix,
-        boxes=boxes,
-    )
-
-
-load_tables_task = retrying_task("validate-label-table", retries=2, cache_policy=NO_CACHE)(
-    load_tables
-)
-
-
-def embedded(labels: Sequence[str], embeddings: EmbeddingResult) -> list[str]:
-    """``labels`` that have a vector (``embeddings.oov: drop`` may have dropped some)."""
-    known = set(embeddings.embeddings["label"].astype(str))
-    return [label for label in labels if label in known]
-
-
-def split_source(
-    tables: DatasetTables, store: FeatureStore, split: str, labels: Sequence[str]
-) -> FeatureBatches | None:
-    """Batches of one split's images that have features (rejected images are skipped)."""
-    rows = tables.split(split)
-    rows = rows[rows["image_id"].isin(store.index.index)]
-    if rows.empty:
-        return None
-    matrix = schemas.label_matrix(rows, labels)
-    return FeatureBatches(store, rows["image_id"].astype(str).tolist(), matrix)
 
 
 # -- the training record ---------------------------------------------------------------------
@@ -178,32 +89,59 @@ class TrainingOutcome(BaseModel):
         return lines
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The labels and batch sources one training run learns from."""
+
+    seen: list[str]
+    unseen: list[str]
+    """Unseen labels at training time: not trained on, recorded for evaluation and prediction."""
+    vectors: np.ndarray
+    """(C, d) word vectors of ``seen``."""
+    train: FeatureBatches
+    val: FeatureBatches | None
+
+
+def training_data(inputs: StageInputs, storage: Storage) -> TrainingData:
+    """Seen labels with vectors, and the train and val images that have features."""
+    seen = inputs.seen_labels
+    if not seen:
+        raise ValueError("no seen label has a word vector: nothing to train on")
+    store = inputs.feature_store(storage)
+    train = split_source(inputs.tables, store, "train", seen)
+    if train is None:
+        raise ValueError(f"dataset {inputs.tables.name}: no train image has features")
+    val = split_source(inputs.tables, store, "val", seen)
+    return TrainingData(seen, inputs.unseen_labels, inputs.embeddings.vectors(seen), train, val)
+
+
 def training_key(
-    config: PipelineConfig,
-    model_config: ModelConfig,
-    seen: Sequence[str],
-    vectors: np.ndarray,
-    train: FeatureBatches,
-    val: FeatureBatches | None,
+    model: ModelConfig,
+    loss: LossConfig,
+    trainer: TrainerConfig,
+    features_key: str,
+    source: SourceKind,
+    data: TrainingData,
 ) -> str:
     """Hash of everything that changes the trained weights (unseen labels do not), including
     the stored bytes of every feature shard the train and val images are read from, so features
     recomputed for an image fixed or replaced in place retrain."""
     split_digests = [
-        array_digest(source.image_ids, source.labels) if source is not None else None
-        for source in (train, val)
+        array_digest(split.image_ids, split.labels) if split is not None else None
+        for split in (data.train, data.val)
     ]
-    store = train.store
-    used = store.index.loc[[*train.image_ids, *(val.image_ids if val else [])], "shard"]
+    store = data.train.store
+    images = [*data.train.image_ids, *(data.val.image_ids if data.val else [])]
+    used = store.index.loc[images, "shard"]
     shards = store.manifest.set_index("shard_index").loc[sorted(set(used)), "sha256"]
     parts = [
-        model_config,
-        config.loss,
-        config.train,
-        feature_key(config.features),
-        config.embeddings.source.identity,
-        list(seen),
-        array_digest(np.round(vectors.astype(np.float64), 6)),
+        model,
+        loss,
+        trainer,
+        features_key,
+        source.identity,
+        list(data.seen),
+        array_digest(np.round(data.vectors.astype(np.float64), 6)),
         split_digests,
         shards.tolist(),
     ]
@@ -267,17 +205,6 @@ class CheckpointMirror:
                     del self._uploaded[name]
 
 
-def run_prefix(storage: Storage, run_name: str, baseline: str | None = None) -> str:
-    """``runs/<run>``, or ``runs/<run>/baselines/<baseline>`` for a baseline model."""
-    parts = ("runs", run_name, *(("baselines", baseline) if baseline else ()))
-    return storage.url(*parts)
-
-
-def checkpoint_url(storage: Storage, run_name: str, which: str, baseline: str | None = None) -> str:
-    """URL of a run's ``best`` or ``final`` checkpoint."""
-    return f"{run_prefix(storage, run_name, baseline)}/{CHECKPOINTS_DIR}/{which}.pt"
-
-
 def _local_checkpoint_dir(storage: Storage, prefix: str, key: str) -> Path:
     if is_local(storage.root):
         return Path(prefix.removeprefix("file://"))
@@ -311,62 +238,39 @@ def _clear(storage: Storage, prefix: str, local_dir: Path) -> None:
 # -- the stage -------------------------------------------------------------------------------
 
 
-def train_model(
-    config: PipelineConfig,
-    storage: Storage,
-    *,
-    tables: DatasetTables,
-    features: FeatureSet,
-    embeddings: EmbeddingResult,
-    model_config: ModelConfig | None = None,
-    baseline: str | None = None,
-    progress: Callable[[dict[str, float]], None] | None = None,
-) -> TrainingOutcome:
-    """Train LESA (or reuse a finished identical run) and return its checkpoint URLs.
-
-    ``model_config`` and ``baseline`` let the same stage train a baseline model (e.g. the
-    mean-pool one) into ``runs/<run>/baselines/<baseline>/``. ``progress`` receives the trainer's
-    history records (step, losses, validation scores) as they happen.
-    """
-    model_config = model_config or config.model
-    prefix = run_prefix(storage, config.run_name, baseline)
-    checkpoints_prefix = f"{prefix}/{CHECKPOINTS_DIR}"
-    record_url = f"{checkpoints_prefix}/{RECORD_FILE}"
-
-    seen = embedded(tables.seen_labels, embeddings)
-    unseen = embedded(tables.unseen_labels, embeddings)
-    if not seen:
-        raise ValueError("no seen label has a word vector: nothing to train on")
-    vectors = embeddings.vectors(seen)
-    store = FeatureStore(features.manifest_url, storage)
-    train = split_source(tables, store, "train", seen)
-    if train is None:
-        raise ValueError(f"dataset {tables.name}: no train image has features")
-    val = split_source(tables, store, "val", seen)
-    key = training_key(config, model_config, seen, vectors, train, val)
-
-    record = storage.read_json(record_url) if storage.exists(record_url) else None
-    if (
+def _reused(
+    storage: Storage, record: dict[str, Any] | None, key: str, run_name: str, data: TrainingData
+) -> TrainingOutcome | None:
+    """The outcome of a finished run with the same key whose checkpoints still exist."""
+    if not (
         record
         and record.get("training_key") == key
         and record.get("status") == "finished"
         and all(storage.exists(url) for url in record["checkpoints"].values())
     ):
-        logger.info("training %s: finished run with key %s found; reusing it", prefix, key)
-        previous_unseen = set(record.get("unseen_labels", []))
-        return TrainingOutcome(
-            run_name=config.run_name,
-            training_key=key,
-            checkpoints=record["checkpoints"],
-            reused=True,
-            steps=int(record.get("steps", 0)),
-            seen_labels=seen,
-            unseen_labels=record.get("unseen_labels", []),
-            new_unseen_labels=[label for label in unseen if label not in previous_unseen],
-            result=record.get("result", {}),
-        )
+        return None
+    previous_unseen = set(record.get("unseen_labels", []))
+    return TrainingOutcome(
+        run_name=run_name,
+        training_key=key,
+        checkpoints=record["checkpoints"],
+        reused=True,
+        steps=int(record.get("steps", 0)),
+        seen_labels=data.seen,
+        unseen_labels=record.get("unseen_labels", []),
+        new_unseen_labels=[label for label in data.unseen if label not in previous_unseen],
+        result=record.get("result", {}),
+    )
 
-    local_dir = _local_checkpoint_dir(storage, checkpoints_prefix, key)
+
+def _resume_point(
+    storage: Storage, record: dict[str, Any] | None, key: str, prefix: str, local_dir: Path
+) -> str | None:
+    """Get ``local_dir`` ready for the trainer; name the step checkpoint it will resume from.
+
+    Checkpoints of another training key cannot be resumed from and are removed; for remote
+    storage the latest ones of this key are downloaded first.
+    """
     if record and record.get("training_key") != key:
         logger.warning(
             "training %s: inputs changed since the checkpoints there were written (key %s -> "
@@ -375,135 +279,167 @@ def train_model(
             record.get("training_key"),
             key,
         )
-        _clear(storage, checkpoints_prefix, local_dir)
+        _clear(storage, prefix, local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    resumed_from = None
-    if record and record.get("training_key") == key and not is_local(storage.root):
-        resumed_from = _fetch_for_resume(storage, checkpoints_prefix, local_dir)
-    elif record and record.get("training_key") == key:
-        steps = sorted(local_dir.glob("step-*.pt"))
-        resumed_from = steps[-1].name if steps else None
-
-    metadata = {
-        "run_name": config.run_name,
-        "training_key": key,
-        "dataset": tables.name,
-        "seen_labels": seen,
-        "unseen_labels": unseen,
-        "embedding_source": config.embeddings.source.identity,
-        "embedding_dim": int(vectors.shape[1]),
-        "feature_key": feature_key(config.features),
-        "features": config.features.identity().model_dump(mode="json"),
-        "backbone": config.features.backbone,
-        "preprocessing": config.features.preprocessing_id,
-        "image_size": config.features.image_size,
-        "grid": list(features.grid),
-    }
-    base_record = {"training_key": key, "config": config.model_dump(mode="json"), **metadata}
-    storage.write_json(record_url, {**base_record, "status": "running"})
-
-    with torch.random.fork_rng():
-        # The initial weights come from train.seed, not from whatever drew on the global RNG
-        # before this stage: the same config and data give the same model in any process.
-        torch.manual_seed(config.train.seed)
-        model = LESA(features.dim, int(vectors.shape[1]), model_config, grid=features.grid)
-    trainer = Trainer(
-        model,
-        torch.from_numpy(vectors),
-        config.train,
-        config.loss,
-        local_dir,
-        metadata=metadata,
-        progress=progress,
-        val_ks=config.evaluation.ks,
-    )
-    if is_local(storage.root):
-        result = trainer.fit(train, val)
-    else:
-        with CheckpointMirror(storage, local_dir, checkpoints_prefix):
-            result = trainer.fit(train, val)
-
-    final_url = f"{checkpoints_prefix}/final.pt"
-    if not storage.exists(final_url):
-        raise RuntimeError(f"training finished but {final_url} was not written")
-    best_url = f"{checkpoints_prefix}/best.pt"
-    # Without a validation split there is no best model: the final one stands in for it.
-    checkpoints = {"final": final_url, "best": best_url if result.best_checkpoint else final_url}
-    summary = {
-        "final_step": result.final_step,
-        "best_step": result.best_step,
-        "best_metric": result.best_metric,
-        "last": result.history[-1] if result.history else {},
-    }
-    storage.write_json(
-        record_url,
-        {
-            **base_record,
-            "status": "finished",
-            "checkpoints": checkpoints,
-            "steps": result.final_step,
-            "result": summary,
-        },
-    )
-    return TrainingOutcome(
-        run_name=config.run_name,
-        training_key=key,
-        checkpoints=checkpoints,
-        reused=False,
-        resumed_from=resumed_from,
-        steps=result.final_step,
-        seen_labels=seen,
-        unseen_labels=unseen,
-        result=summary,
-    )
+    if not record or record.get("training_key") != key:
+        return None
+    if not is_local(storage.root):
+        return _fetch_for_resume(storage, prefix, local_dir)
+    steps = sorted(local_dir.glob("step-*.pt"))
+    return steps[-1].name if steps else None
 
 
-@retrying_task("train", retries=1, cache_policy=NO_CACHE)
-def train_model_task(
-    config: PipelineConfig,
-    storage: Storage,
-    *,
-    tables: DatasetTables,
-    features: FeatureSet,
-    embeddings: EmbeddingResult,
-    model_config: ModelConfig | None = None,
-    baseline: str | None = None,
-) -> TrainingOutcome:
-    """Prefect wrapper of :func:`train_model`; a retry resumes from the last checkpoint.
+class TrainingProgress:
+    """The trainer's history records on the Prefect run: a progress artifact and log lines.
 
-    Training progress shows in the UI as a progress artifact.
+    Outside a Prefect task run (a plain call, a test) the artifact is not made and nothing is
+    logged, so :func:`train_model` reports progress however it is called.
     """
-    reporter = _ProgressArtifact(
-        config.train.steps, f"training {config.run_name} {baseline or 'LESA'}"
-    )
-    return train_model(
-        config,
-        storage,
-        tables=tables,
-        features=features,
-        embeddings=embeddings,
-        model_config=model_config,
-        baseline=baseline,
-        progress=reporter,
-    )
 
-
-class _ProgressArtifact:
-    """Report the trainer's history records to the run: a progress artifact and log lines."""
-
-    def __init__(self, total_steps: int, description: str) -> None:
-        self.total = max(total_steps, 1)
+    def __init__(self, description: str) -> None:
         self.description = description
+        self.total = 1
+        """Steps the run trains for; the trainer decides (``epochs`` overrides ``steps``)."""
         self.bar = RunProgress(description, log=False)
-        self.logger = get_run_logger()
         self.logged: tuple[int, set[str]] = (-1, set())
 
     def __call__(self, record: dict[str, float]) -> None:
         step = int(record.get("step", 0))
         self.bar(step, self.total)
+        if not self.bar.active:
+            return
         # The trainer merges validation scores into the step's loss record: log only what's new.
         seen = self.logged[1] if self.logged[0] == step else set()
         fresh = {key: value for key, value in record.items() if key not in seen | {"step"}}
         self.logged = (step, seen | set(fresh))
         values = ", ".join(f"{key} {value:.4g}" for key, value in fresh.items())
-        self.logger.info("%s: step %d/%d: %s", self.description, step, self.total, values)
+        get_run_logger().info("%s: step %d/%d: %s", self.description, step, self.total, values)
+
+
+def _fit(
+    storage: Storage,
+    data: TrainingData,
+    model: LESA,
+    trainer_config: TrainerConfig,
+    loss: LossConfig,
+    local_dir: Path,
+    prefix: str,
+    metadata: CheckpointMetadata,
+    description: str,
+    val_ks: Sequence[int],
+) -> TrainResult:
+    """Run the trainer, mirroring its checkpoints to remote storage while it runs."""
+    progress = TrainingProgress(description)
+    trainer = Trainer(
+        model,
+        torch.from_numpy(data.vectors),
+        trainer_config,
+        loss,
+        local_dir,
+        metadata=metadata.model_dump(mode="json"),
+        progress=progress,
+        val_ks=val_ks,
+    )
+    progress.total = max(trainer.total_steps(data.train), 1)
+    if is_local(storage.root):
+        return trainer.fit(data.train, data.val)
+    with CheckpointMirror(storage, local_dir, prefix):
+        return trainer.fit(data.train, data.val)
+
+
+def _checkpoints(storage: Storage, prefix: str, result: TrainResult) -> dict[str, str]:
+    """URLs of the finished run's ``final`` and ``best`` checkpoints."""
+    final_url = f"{prefix}/final.pt"
+    if not storage.exists(final_url):
+        raise RuntimeError(f"training finished but {final_url} was not written")
+    # Without a validation split there is no best model: the final one stands in for it.
+    best_url = f"{prefix}/best.pt" if result.best_checkpoint else final_url
+    return {"final": final_url, "best": best_url}
+
+
+def _initial_model(inputs: StageInputs, data: TrainingData, model: ModelConfig, seed: int) -> LESA:
+    """The untrained network; its weights come from ``seed``, not from whatever drew on the
+    global RNG before this stage, so the same config and data give the same model anywhere."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LESA(inputs.features.dim, data.vectors.shape[1], model, grid=inputs.features.grid)
+
+
+def _summary(result: TrainResult) -> dict[str, Any]:
+    return {
+        "final_step": result.final_step,
+        "best_step": result.best_step,
+        "best_metric": result.best_metric,
+        "last": result.history[-1] if result.history else {},
+    }
+
+
+def train_model(
+    storage: Storage,
+    inputs: StageInputs,
+    *,
+    run_name: str,
+    model: ModelConfig,
+    loss: LossConfig,
+    trainer: TrainerConfig,
+    val_ks: Sequence[int] = (),
+) -> TrainingOutcome:
+    """Train LESA (or reuse a finished identical run) and return its checkpoint URLs.
+
+    ``val_ks`` are the K of the F1@K that validation reports besides mAP (the evaluation's
+    ``ks``). Progress shows on the Prefect run when there is one.
+    """
+    prefix = f"{run_prefix(storage, run_name)}/{CHECKPOINTS_DIR}"
+    record_url = f"{prefix}/{RECORD_FILE}"
+    data = training_data(inputs, storage)
+    source = inputs.embeddings.source
+    key = training_key(model, loss, trainer, inputs.features.key, source, data)
+    record = storage.read_json(record_url) if storage.exists(record_url) else None
+    reused = _reused(storage, record, key, run_name, data)
+    if reused is not None:
+        logger.info("training %s: finished run with key %s found; reusing it", prefix, key)
+        return reused
+
+    local_dir = _local_checkpoint_dir(storage, prefix, key)
+    resumed_from = _resume_point(storage, record, key, prefix, local_dir)
+    metadata = CheckpointMetadata(
+        run_name=run_name,
+        training_key=key,
+        dataset=inputs.tables.name,
+        seen_labels=data.seen,
+        unseen_labels=data.unseen,
+        embedding_source=source,
+        embedding_dim=int(data.vectors.shape[1]),
+        feature_key=inputs.features.key,
+        features=inputs.features.identity,
+    )
+    sections = {"model": model, "loss": loss, "train": trainer}
+    base_record = {
+        "training_key": key,
+        "config": {name: section.model_dump(mode="json") for name, section in sections.items()},
+        **metadata.model_dump(mode="json"),
+    }
+    storage.write_json(record_url, {**base_record, "status": "running"})
+    network = _initial_model(inputs, data, model, trainer.seed)
+    description = f"training {run_name} LESA"
+    result = _fit(
+        storage, data, network, trainer, loss, local_dir, prefix, metadata, description, val_ks
+    )
+    checkpoints = _checkpoints(storage, prefix, result)
+    finished = {"status": "finished", "checkpoints": checkpoints, "steps": result.final_step}
+    storage.write_json(record_url, {**base_record, **finished, "result": _summary(result)})
+    return TrainingOutcome(
+        run_name=run_name,
+        training_key=key,
+        checkpoints=checkpoints,
+        reused=False,
+        resumed_from=resumed_from,
+        steps=result.final_step,
+        seen_labels=data.seen,
+        unseen_labels=data.unseen,
+        result=_summary(result),
+    )
+
+
+train_model_task = retrying_task("train", retries=1, cache_policy=NO_CACHE)(train_model)
+"""The stage as a Prefect task; a retry resumes from the last checkpoint."""

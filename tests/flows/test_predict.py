@@ -13,11 +13,9 @@ from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.predict import main
-from lesa_model.checkpoint import model_payload, save_checkpoint
 from lesa_model.config import ModelConfig
-from lesa_model.model import LESA
-from tasks.embeddings import KumoGlove
-from tasks.feature_config import FeaturesConfig, feature_key
+from tasks.feature_config import FeaturesConfig
+from tests.helpers.checkpoints import write_checkpoint
 
 FEATURES = FeaturesConfig(backbone="efficientnet-lite0", weights="none", image_size=64)
 
@@ -32,21 +30,12 @@ def prefect_api() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
-    model = LESA(1280, 50, ModelConfig(num_modules=2, hidden_dim=8), grid=FEATURES.grid)
-    checkpoint = save_checkpoint(
+    checkpoint = write_checkpoint(
         root / "best.pt",
-        {
-            **model_payload(model),
-            "metadata": {
-                "seen_labels": ["cat", "dog"],
-                "unseen_labels": ["fish"],
-                "embedding_source": KumoGlove().identity,
-                "feature_key": feature_key(FEATURES),
-                "backbone": FEATURES.backbone,
-                "image_size": FEATURES.image_size,
-                "features": FEATURES.identity().model_dump(mode="json"),
-            },
-        },
+        FEATURES,
+        ["cat", "dog"],
+        ["fish"],
+        model=ModelConfig(num_modules=2, hidden_dim=8),
     )
     images = root / "images"
     images.mkdir()

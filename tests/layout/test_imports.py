@@ -102,6 +102,22 @@ def test_every_module_imports_alone_in_a_fresh_process() -> None:
     assert done.returncode == 0, done.stdout[-10000:] + done.stderr[-3000:]
 
 
+def test_no_project_import_hides_under_type_checking() -> None:
+    """An import needed only for annotations is how a cycle hides; import it for real."""
+    hidden = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                    hidden.extend(
+                        f"{path.relative_to(REPO)}:{child.lineno}"
+                        for child in ast.walk(node)
+                        if isinstance(child, ast.ImportFrom)
+                        and (child.module or "").split(".")[0] in PACKAGES
+                    )
+    assert not hidden, hidden
+
+
 def test_the_science_core_imports_no_orchestration() -> None:
     science = [name for name in project_modules() if name.split(".")[0] in PACKAGES[:2]]
     done = run(SCIENCE_ALONE.format(modules=science, banned=ORCHESTRATION))

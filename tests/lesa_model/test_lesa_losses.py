@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from loop_losses import loop_terms
 
 from lesa_model.config import LossConfig, ModelConfig
 from lesa_model.losses import lesa_loss
 from lesa_model.model import LESA, LesaOutput
+from tests.helpers.loop_losses import loop_terms
 
 B, M, R, C = 4, 3, 5, 9
 

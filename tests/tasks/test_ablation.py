@@ -11,18 +11,17 @@ import pytest
 from distributed import LocalCluster
 from PIL import Image
 from pydantic import ValidationError
-from test_training import Synthetic, synthetic
 
 from tasks.ablation import (
-    AblationConfig,
-    AblationVariant,
     cell_config,
     cell_run_name,
     run_ablation,
     summarise,
     write_ablation_report,
 )
+from tasks.ablation_config import AblationConfig, AblationVariant
 from tasks.feature_config import DaskConfig
+from tests.helpers.training_inputs import Synthetic, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +46,11 @@ def _with_grid(inputs: Synthetic, grid: AblationConfig) -> Synthetic:
     # The synthetic dataset has 2 unseen labels: ZSL top-K needs K <= 2.
     evaluation = inputs.config.evaluation.model_copy(update={"ks": [2]})
     config = inputs.config.model_copy(update={"ablation": grid, "evaluation": evaluation})
-    return Synthetic(config, inputs.storage, inputs.tables, inputs.features, inputs.embeddings)
+    return Synthetic(config, inputs.storage, inputs.inputs)
 
 
 def _run(inputs: Synthetic, dask: DaskConfig) -> list[dict]:
-    return run_ablation(
-        inputs.config,
-        inputs.storage,
-        tables=inputs.tables,
-        features=inputs.features,
-        embeddings=inputs.embeddings,
-        dask=dask,
-    )
+    return run_ablation(inputs.config, inputs.storage, inputs.inputs, dask=dask)
 
 
 def test_tiny_grid_runs_in_parallel_and_is_reused(tmp_path: Path, dask_config: DaskConfig) -> None:

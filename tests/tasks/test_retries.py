@@ -21,8 +21,9 @@ from tasks.feature_worker import ExtractionError
 from tasks.features import extract_features_task
 from tasks.retries import is_transient, retry_if_transient, retrying_task
 from tasks.schemas import SchemaError
+from tasks.stage_inputs import load_tables_task
 from tasks.storage import StorageError
-from tasks.training import load_tables_task, train_model_task
+from tasks.training import train_model_task
 
 
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:

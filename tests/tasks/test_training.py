@@ -2,185 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from lesa_model.checkpoint import load_checkpoint, load_model
 from lesa_model.trainer import Trainer
-from tasks import schemas
-from tasks.config import PipelineConfig, load_config
+from tasks import schemas, training
+from tasks.checkpoints import CheckpointMetadata, checkpoint_url
 from tasks.datasets import DatasetArtifacts, DatasetError
-from tasks.embeddings import EmbeddingResult
-from tasks.feature_config import FeatureIdentity, feature_key
 from tasks.feature_reader import FeatureStore
-from tasks.feature_shards import FEATURES_DATASET, IMAGE_IDS_DATASET, ids_sha256
-from tasks.features import FeatureSet
-from tasks.prediction import checkpoint_features
+from tasks.stage_inputs import DatasetTables, load_tables
 from tasks.storage import Storage, StorageConfig
-from tasks.training import (
-    CheckpointMirror,
-    DatasetTables,
-    checkpoint_url,
-    load_tables,
-    train_model,
+from tasks.training import CheckpointMirror
+from tests.helpers.training_inputs import (
+    DIM,
+    SEEN,
+    UNSEEN,
+    Synthetic,
+    synthetic,
+    train,
+    write_feature_set,
 )
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-R, D, DIM = 4, 8, 6
-SEEN = ["cat", "dog", "car", "tree", "boat", "lamp"]
-UNSEEN = ["bus", "fox"]
-
-
-@dataclass
-class Synthetic:
-    """A complete, tiny set of training inputs written to storage."""
-
-    config: PipelineConfig
-    storage: Storage
-    tables: DatasetTables
-    features: FeatureSet
-    embeddings: EmbeddingResult
-
-
-def unit_vectors(labels: list[str], seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    vectors = rng.standard_normal((len(labels), DIM))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return pd.DataFrame({"label": labels, "vector": [list(map(float, v)) for v in vectors]})
-
-
-def embedding_result(labels: list[str]) -> EmbeddingResult:
-    table = schemas.validate(unit_vectors(labels), schemas.LabelEmbeddings, stage="test")
-    return EmbeddingResult(table, pd.DataFrame({"label": []}), 1.0)
-
-
-def write_feature_set(
-    storage: Storage, prefix: str, ids: list[str], values: np.ndarray, shard_size: int
-) -> FeatureSet:
-    """Shards + manifest in the documented HDF5 format (what extract_features writes)."""
-    rows = []
-    for index, start in enumerate(range(0, len(ids), shard_size)):
-        local = Path(storage.cache_dir) / f"shard-{index}.h5"
-        local.parent.mkdir(parents=True, exist_ok=True)
-        chunk_ids = ids[start : start + shard_size]
-        with h5py.File(local, "w") as shard:
-            shard.create_dataset(FEATURES_DATASET, data=values[start : start + shard_size])
-            shard.create_dataset(
-                IMAGE_IDS_DATASET, data=np.array(chunk_ids, dtype=object), dtype=h5py.string_dtype()
-            )
-            shard.attrs.update({"backbone": "synthetic", "grid": np.array([2, 2])})
-        uri = f"{prefix}/shard-{index:05d}.h5"
-        rows.append(
-            {
-                "shard_index": index,
-                "shard_uri": uri,
-                "num_images": len(chunk_ids),
-                "backbone": "synthetic",
-                "preprocessing": "none",
-                "regions": R,
-                "dim": D,
-                "dtype": "float32",
-                "sha256": storage.upload_file(local, uri),
-                "size_bytes": local.stat().st_size,
-                "ids_sha256": ids_sha256(chunk_ids),
-            }
-        )
-    manifest = schemas.validate(pd.DataFrame(rows), schemas.FeatureManifest, stage="test")
-    storage.write_parquet(f"{prefix}/manifest.parquet", manifest)
-    return FeatureSet(
-        manifest_url=f"{prefix}/manifest.parquet",
-        rejects_url=f"{prefix}/rejects.parquet",
-        identity=FeatureIdentity(),
-        regions=R,
-        dim=D,
-        grid=(2, 2),
-        num_images=len(ids),
-    )
-
-
-def synthetic(root: str, *, cache_dir: Path, steps: int = 6, **storage_options: str) -> Synthetic:
-    """Images whose present labels plant a prototype in one region; train/val/test splits."""
-    rng = np.random.default_rng(0)
-    labels = SEEN + UNSEEN
-    splits = ["train"] * 24 + ["val"] * 8 + ["test"] * 12
-    ids = [f"img-{i:03d}" for i in range(len(splits))]
-    prototypes = rng.standard_normal((len(labels), D)).astype(np.float32)
-    values = 0.3 * rng.standard_normal((len(ids), R, D)).astype(np.float32)
-    positives = []
-    for i, split in enumerate(splits):
-        pool = SEEN if split != "test" else labels
-        chosen = sorted(rng.choice(pool, size=2, replace=False).tolist())
-        positives.append(chosen)
-        for label in chosen:
-            values[i, rng.integers(R)] += prototypes[labels.index(label)]
-    table = pd.DataFrame(
-        {
-            "image_id": ids,
-            "uri": [f"{i}.jpg" for i in ids],
-            "split": splits,
-            "positives": positives,
-            "negatives": [[] for _ in ids],
-            "complete": True,
-        }
-    )
-    vocabulary = pd.DataFrame(
-        {"label": labels, "seen": [label in SEEN for label in labels], "tokens": labels}
-    )
-    config = load_config(
-        CONFIGS / "tiny.yaml",
-        {
-            "storage": {"root": root, "cache_dir": str(cache_dir), **storage_options},
-            "model": {"num_modules": 2, "input_projection": None, "hidden_dim": 8},
-            "train": {
-                "steps": steps,
-                "batch_size": 8,
-                "val_every": 3,
-                "checkpoint_every": 2,
-                "select": "mAP",
-                "keep_checkpoints": 2,
-            },
-        },
-    )
-    storage = Storage(config.storage)
-    features = write_feature_set(
-        storage, storage.url("features", "synthetic", "key"), ids, values, shard_size=16
-    )
-    tables = DatasetTables(
-        name="synthetic",
-        labels=schemas.validate(table, schemas.LabelTable, stage="test"),
-        vocabulary=schemas.validate(vocabulary, schemas.Vocabulary, stage="test"),
-        images_prefix=storage.url("images"),
-    )
-    return Synthetic(config, storage, tables, features, embedding_result(labels))
-
-
-def train(inputs: Synthetic, **kwargs: object):
-    return train_model(
-        inputs.config,
-        inputs.storage,
-        tables=inputs.tables,
-        features=inputs.features,
-        embeddings=inputs.embeddings,
-        **kwargs,
-    )
 
 
 def with_vocabulary(inputs: Synthetic, vocabulary: pd.DataFrame) -> Synthetic:
-    labels = vocabulary["label"].tolist()
-    tables = DatasetTables(
-        name=inputs.tables.name,
-        labels=inputs.tables.labels,
-        vocabulary=vocabulary.reset_index(drop=True),
-        images_prefix=inputs.tables.images_prefix,
-    )
-    return Synthetic(
-        inputs.config, inputs.storage, tables, inputs.features, embedding_result(labels)
+    tables = inputs.tables
+    return inputs.with_tables(
+        DatasetTables(
+            tables.name, tables.labels, vocabulary.reset_index(drop=True), tables.images_prefix
+        )
     )
 
 
@@ -198,19 +51,34 @@ def test_checkpoints_land_in_the_run_folder_with_metadata(local: Synthetic) -> N
         "final": final,
         "best": checkpoint_url(local.storage, "tiny", "best"),
     }
-    model, metadata = load_model(final)
-    assert metadata["seen_labels"] == SEEN
-    assert metadata["unseen_labels"] == UNSEEN
-    assert metadata["embedding_source"] == local.config.embeddings.source.identity
-    assert metadata["feature_key"] == feature_key(local.config.features)
-    assert metadata["backbone"] == local.config.features.backbone
-    assert metadata["features"]["weights"] == local.config.features.weights
-    assert feature_key(checkpoint_features(metadata)) == metadata["feature_key"]
-    assert metadata["training_key"] == outcome.training_key
+    model, raw = load_model(final)
+    metadata = CheckpointMetadata.model_validate(raw)
+    assert metadata.seen_labels == SEEN
+    assert metadata.unseen_labels == UNSEEN
+    assert metadata.embedding_source == local.embeddings.source
+    assert metadata.feature_key == local.features.key
+    assert metadata.features == local.config.features.identity()
+    assert metadata.training_key == outcome.training_key
+    assert metadata.run_name == "tiny" and metadata.dataset == "synthetic"
     assert model.label_dim == DIM
     record = local.storage.read_json(final.rsplit("/", 1)[0] + "/training.json")
     assert record["status"] == "finished"
     assert record["training_key"] == outcome.training_key
+
+
+def test_progress_counts_to_the_steps_that_epochs_give(
+    local: Synthetic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``epochs`` overrides ``steps``: 2 epochs of 24 images in batches of 8 are 6 steps."""
+    reported: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        training.RunProgress, "__call__", lambda self, done, total: reported.append((done, total))
+    )
+    trainer = local.config.train.model_copy(update={"steps": 100, "epochs": 2})
+    outcome = train(local, trainer=trainer)
+    assert outcome.steps == 6
+    assert reported and {total for _, total in reported} == {6}
+    assert reported[-1][0] == 6
 
 
 def test_the_same_config_trains_the_same_model_whatever_the_global_rng(tmp_path: Path) -> None:
@@ -268,8 +136,8 @@ def _with_features_changed(inputs: Synthetic, image_id: str) -> Synthetic:
     values = store.read(ids)
     values[ids.index(image_id)] += 1.0
     prefix = inputs.features.manifest_url.rsplit("/", 1)[0]
-    features = write_feature_set(inputs.storage, prefix, ids, values, shard_size=16)
-    return Synthetic(inputs.config, inputs.storage, inputs.tables, features, inputs.embeddings)
+    features = write_feature_set(inputs.storage, prefix, ids, values, 16, inputs.config)
+    return inputs.with_inputs(features=features)
 
 
 def test_recomputed_features_of_a_training_image_retrain(local: Synthetic) -> None:
