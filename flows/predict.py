@@ -19,9 +19,9 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from flows.cli import add_config_arguments, overrides_from, prepare_process
+from tasks.backbones import BACKBONE_BATCH
 from tasks.config import ConfigError, load_config
 from tasks.prediction import (
-    DEFAULT_BATCH_SIZE,
     DEFAULT_TOP_K,
     PredictionError,
     find_images,
@@ -40,20 +40,20 @@ FLOW_NAME = "lesa-predict"
 def predict(
     checkpoint: str,
     images: list[str],
-    labels: str | None = None,
+    labels: list[str] | None = None,
     top_k: int = DEFAULT_TOP_K,
     out: str = "predictions",
     attention_maps: bool = False,
     storage: StorageConfig | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = BACKBONE_BATCH,
 ) -> dict[str, Any]:
     """Tag ``images`` (files, folders, ``s3://`` prefixes) and write CSV/JSON (+ maps) to ``out``.
 
     Args:
         checkpoint: path or URL of a checkpoint written by the training stage.
         images: image files, folders or prefixes.
-        labels: a label file (one per line) or a comma-separated list; default: the seen and
-            unseen labels recorded in the checkpoint.
+        labels: the labels to score (see :func:`tasks.prediction.parse_labels` for reading a
+            label file or list); default: the seen and unseen labels recorded in the checkpoint.
         top_k: labels kept per image.
         out: folder or URL for predictions.csv, predictions.json and attention/.
         attention_maps: also write a heatmap per (image, top label) and a grid figure per image.
@@ -63,7 +63,7 @@ def predict(
     logger = get_run_logger()
     store = Storage(storage)
     predictor = load_predictor_task(checkpoint, store)
-    names = parse_labels(labels, store) if labels is not None else predictor.known_labels
+    names = labels or predictor.known_labels
     if not names:
         raise PredictionError("the checkpoint records no labels and none were given: pass --labels")
     uris, missing = find_images(images, store)
@@ -91,8 +91,19 @@ def predict(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: check the arguments, run the flow, report where the outputs went."""
+def _at_least_one(text: str) -> int:
+    """argparse type of ``--top-k`` and ``--batch-size``: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flows.predict``."""
     parser = argparse.ArgumentParser(
         prog="python -m flows.predict",
         description=(
@@ -132,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--top-k",
-        type=int,
+        type=_at_least_one,
         default=DEFAULT_TOP_K,
         help=f"labels per image (default {DEFAULT_TOP_K})",
     )
@@ -149,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help=f"images per backbone pass (default {DEFAULT_BATCH_SIZE})",
+        type=_at_least_one,
+        default=BACKBONE_BATCH,
+        help=f"images per backbone pass (default {BACKBONE_BATCH})",
     )
     add_config_arguments(
         parser,
@@ -161,20 +172,21 @@ def main(argv: list[str] | None = None) -> int:
         set_help="storage setting, e.g. --set storage.endpoint_url=http://127.0.0.1:9000 "
         "(repeatable)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: check the arguments and labels, run the flow, say where the outputs went."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     prepare_process()
-    if args.top_k < 1:
-        parser.error("--top-k must be at least 1")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     storage_config = _storage_config(parser, args)
     try:
-        if args.labels is not None:
-            parse_labels(args.labels, Storage(storage_config))
+        labels = None if args.labels is None else parse_labels(args.labels, Storage(storage_config))
         result = predict(
             checkpoint=args.checkpoint,
             images=args.images,
-            labels=args.labels,
+            labels=labels,
             top_k=args.top_k,
             out=args.out,
             attention_maps=args.attention_maps,

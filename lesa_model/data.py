@@ -36,7 +36,8 @@ class BatchSource(Protocol):
         """Yield consecutive batches covering every image once, the last one possibly smaller.
 
         With ``shuffle`` the images come in ``epoch_order(num_images, seed, epoch)``; without it
-        in storage order (what inference relies on to align scores with image ids).
+        in storage order (what inference relies on to align scores with image ids). A
+        ``batch_size`` below 1 is a ``ValueError``.
         """
         ...
 

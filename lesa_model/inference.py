@@ -16,6 +16,9 @@ from lesa_model.data import BatchSource, batch_count
 from lesa_model.model import LESA
 from lesa_model.validation import as_float_features
 
+SCORE_BATCH = 256
+"""Images scored per forward pass: only speed and memory depend on it."""
+
 
 def _model_device(model: LESA) -> torch.device:
     return next(model.parameters()).device
@@ -31,13 +34,14 @@ def score_with_labels(
     model: LESA,
     source: BatchSource,
     label_vectors: np.ndarray | torch.Tensor,
-    batch_size: int = 256,
+    batch_size: int = SCORE_BATCH,
     *,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N, C) float32 and the source's labels (N, C') int8, in the source's order."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    """Scores (N, C) float32 and the source's labels (N, C') int8, in the source's order.
+
+    ``batch_size`` is checked by the source (:meth:`lesa_model.data.BatchSource.batches`).
+    """
     device = _model_device(model)
     vectors = _as_label_vectors(label_vectors, device)
     total = source.num_images
@@ -82,7 +86,7 @@ def score(
     model: LESA,
     source: BatchSource,
     label_vectors: np.ndarray | torch.Tensor,
-    batch_size: int = 256,
+    batch_size: int = SCORE_BATCH,
 ) -> np.ndarray:
     """Scores (N, C) float32 of every image of ``source`` (in order) for every label vector."""
     return score_with_labels(model, source, label_vectors, batch_size)[0]

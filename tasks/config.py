@@ -78,13 +78,17 @@ DATASET_INPUTS: dict[str, tuple[str, ...]] = {
 
 
 class PipelineConfig(StrictModel):
-    """Everything one pipeline run needs, section by section."""
+    """Everything one pipeline run needs, section by section.
+
+    Only the run's name and its dataset must be given; every other section (and every key in
+    one) left out takes the defaults of its config class.
+    """
 
     run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
-    storage: StorageConfig
     dataset: DatasetConfig
-    features: FeaturesConfig
-    embeddings: EmbeddingConfig
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    embeddings: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainerConfig = Field(default_factory=TrainerConfig)

@@ -106,8 +106,9 @@ class FeaturesConfig(FeatureIdentity):
     and ``device`` only the last bits (CUDA runs the backbone in half precision)."""
 
     shard_size: int = Field(1024, ge=1)
-    batch_size: int = Field(32, ge=1)
-    """Images per backbone forward pass, and HDF5 chunk rows (one training batch per chunk)."""
+    batch_size: int = Field(backbones.BACKBONE_BATCH, ge=1)
+    """Images per backbone forward pass, and HDF5 chunk rows (as many as a training batch of
+    the default ``train.batch_size``, so a batch reads whole chunks)."""
     torch_threads: int | None = Field(None, ge=1)
     """Intra-op threads per task; None: the host's cores / (worker threads on that host)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

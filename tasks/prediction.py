@@ -33,7 +33,7 @@ from lesa_model.attention import attention_grid_figure, centre_crop_box, heatmap
 from lesa_model.inference import attention_for
 from lesa_model.model import LESA
 from tasks import backbones
-from tasks.backbones import Backbone, region_features
+from tasks.backbones import BACKBONE_BATCH, Backbone, region_features
 from tasks.checkpoints import CheckpointMetadata, load_trained_model
 from tasks.embeddings import EmbeddingConfig, OOVError, embed_words
 from tasks.feature_config import FeatureIdentity
@@ -48,7 +48,6 @@ PREDICTIONS_CSV = "predictions.csv"
 PREDICTIONS_JSON = "predictions.json"
 ATTENTION_DIR = "attention"
 DEFAULT_TOP_K = 5
-DEFAULT_BATCH_SIZE = 16
 PRINTED_ROWS = 50
 """Images shown in the console table; the files hold every image."""
 
@@ -238,13 +237,11 @@ def find_images(inputs: Sequence[str], storage: Storage) -> tuple[list[str], lis
     return list(dict.fromkeys(found)), skipped
 
 
-def label_vectors(labels: Sequence[str], predictor: Predictor, storage: Storage) -> np.ndarray:
+def _label_vectors(labels: Sequence[str], predictor: Predictor, storage: Storage) -> np.ndarray:
     """(C, d) word vectors of ``labels`` from the checkpoint's embedding source.
 
     Every label must be embeddable: a misspelt label would otherwise vanish from the output.
     """
-    if not labels:
-        raise PredictionError("the label list is empty: give at least one label to score")
     try:
         result = embed_words(labels, predictor.embeddings, storage)
     except OOVError as error:
@@ -286,6 +283,50 @@ def _as_trained(backbone: Backbone, inputs: Sequence[torch.Tensor], dtype: str) 
     return region_features(backbone, torch.stack(list(inputs))).astype(dtype).astype(np.float32)
 
 
+@dataclass
+class _Scored:
+    """What the batch loop collects: the kept images, their scores and optional attention."""
+
+    uris: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    scores: list[np.ndarray] = field(default_factory=list)
+    attention: list[np.ndarray] = field(default_factory=list)
+    skipped: list[SkippedImage] = field(default_factory=list)
+
+
+def _score_images(
+    predictor: Predictor,
+    backbone: Backbone,
+    vectors: torch.Tensor,
+    uris: Sequence[str],
+    storage: Storage,
+    *,
+    batch_size: int,
+    attention_top_k: int | None,
+) -> _Scored:
+    """Score the readable images batch by batch; with ``attention_top_k``, keep the selected
+    module's region weights of each image's top labels too."""
+    scored = _Scored()
+    progress = tqdm(total=len(uris), desc="tagging", unit="image")
+    for batch_uris, sizes, inputs, skipped in _decoded_batches(uris, storage, batch_size, backbone):
+        scored.skipped.extend(skipped)
+        progress.update(len(batch_uris) + len(skipped))
+        if not inputs:
+            continue
+        features = _as_trained(backbone, inputs, predictor.features.dtype)
+        with torch.inference_mode():
+            batch_scores = predictor.model(torch.from_numpy(features), vectors).scores.numpy()
+        scored.uris.extend(batch_uris)
+        scored.sizes.extend(sizes)
+        scored.scores.append(batch_scores.astype(np.float32))
+        if attention_top_k is not None:
+            best = _top_columns(batch_scores, attention_top_k)
+            _, weights = attention_for(predictor.model, features, vectors)
+            scored.attention.append(np.take_along_axis(weights, best[:, :, None], axis=1))
+    progress.close()
+    return scored
+
+
 def predict_images(
     predictor: Predictor,
     uris: Sequence[str],
@@ -294,7 +335,7 @@ def predict_images(
     *,
     top_k: int = DEFAULT_TOP_K,
     attention: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = BACKBONE_BATCH,
     backbone: Backbone | None = None,
     skipped: Sequence[SkippedImage] = (),
 ) -> Predictions:
@@ -302,7 +343,8 @@ def predict_images(
 
     With ``attention`` the selected module's region weights of each top label are kept too.
     ``skipped`` lists inputs already dropped (e.g. by :func:`find_images`); the ones skipped here
-    are added to it.
+    are added to it. This is where the request is checked: at least one label, ``top_k`` from 1
+    to their number, a positive ``batch_size``.
     """
     if not labels:
         raise PredictionError("the label list is empty: give at least one label to score")
@@ -310,52 +352,36 @@ def predict_images(
         raise PredictionError(f"--top-k must be between 1 and the number of labels ({len(labels)})")
     if batch_size < 1:
         raise PredictionError(f"batch_size must be positive, got {batch_size}")
-    vectors = torch.from_numpy(label_vectors(labels, predictor, storage))
+    vectors = torch.from_numpy(_label_vectors(labels, predictor, storage))
     backbone = backbone or load_backbone_for(predictor, storage)
-    kept: list[str] = []
-    sizes: list[tuple[int, int]] = []
-    scores: list[np.ndarray] = []
-    maps: list[np.ndarray] = []
-    dropped: list[SkippedImage] = []
-    progress = tqdm(total=len(uris), desc="tagging", unit="image")
-    for batch_uris, batch_sizes, inputs, batch_skipped in _decoded_batches(
-        uris, storage, batch_size, backbone
-    ):
-        dropped.extend(batch_skipped)
-        progress.update(len(batch_uris) + len(batch_skipped))
-        if not inputs:
-            continue
-        features = _as_trained(backbone, inputs, predictor.features.dtype)
-        with torch.inference_mode():
-            batch_scores = predictor.model(torch.from_numpy(features), vectors).scores.numpy()
-        kept.extend(batch_uris)
-        sizes.extend(batch_sizes)
-        scores.append(batch_scores.astype(np.float32))
-        if attention:
-            best = _top_columns(batch_scores, top_k)
-            _, weights = attention_for(predictor.model, features, vectors)
-            maps.append(np.take_along_axis(weights, best[:, :, None], axis=1))
-    progress.close()
-    for item in dropped:
+    scored = _score_images(
+        predictor,
+        backbone,
+        vectors,
+        uris,
+        storage,
+        batch_size=batch_size,
+        attention_top_k=top_k if attention else None,
+    )
+    for item in scored.skipped:
         logger.warning("skipped %s: %s (%s)", item.uri, item.reason, item.detail)
-    dropped = [*skipped, *dropped]
-    if not kept:
+    dropped = [*skipped, *scored.skipped]
+    if not scored.uris:
         reasons = "; ".join(f"{item.uri}: {item.reason}" for item in dropped[:10])
         raise PredictionError(f"no image could be read ({reasons or 'no images given'})")
-    all_scores = np.concatenate(scores)
+    scores = np.concatenate(scored.scores)
     seen = set(predictor.seen_labels)
-    h, w = predictor.grid
+    image_size = predictor.features.image_size
     return Predictions(
-        uris=kept,
-        image_sizes=sizes,
+        uris=scored.uris,
+        image_sizes=scored.sizes,
         labels=list(labels),
         seen=np.array([label in seen for label in labels], dtype=bool),
-        scores=all_scores,
-        top=_top_columns(all_scores, top_k),
-        attention=np.concatenate(maps) if attention else None,
-        grid=(h, w),
-        crop_fraction=predictor.features.image_size
-        / backbones.resize_side(predictor.features.image_size),
+        scores=scores,
+        top=_top_columns(scores, top_k),
+        attention=np.concatenate(scored.attention) if attention else None,
+        grid=predictor.grid,
+        crop_fraction=image_size / backbones.resize_side(image_size),
         skipped=dropped,
     )
 

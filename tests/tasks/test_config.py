@@ -24,6 +24,7 @@ from tasks.config import (
 from tasks.datasets import EmojiScenesConfig, NusWideConfig, OpenImagesConfig, TableConfig
 from tasks.embeddings import KumoGlove
 from tasks.evaluation import EvaluationConfig
+from tasks.feature_config import FeaturesConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -105,9 +106,17 @@ def test_bad_values_are_named_by_key_path(
 
 
 def test_missing_required_section_is_named(tmp_path: Path, tiny_data: dict) -> None:
-    del tiny_data["storage"]
-    with pytest.raises(ConfigError, match=r"(?m)^  storage: Field required"):
+    del tiny_data["dataset"]
+    with pytest.raises(ConfigError, match=r"(?m)^  dataset: Field required"):
         load_config(write_config(tmp_path, tiny_data))
+
+
+def test_only_run_name_and_dataset_are_required(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"run_name": "r", "dataset": {"source": "emoji-scenes"}})
+    config = load_config(path)
+    assert config.storage.root == ".lesa-data"
+    assert config.features == FeaturesConfig()
+    assert config.embeddings.source == KumoGlove()
 
 
 def test_every_problem_is_listed_at_once(tmp_path: Path, tiny_data: dict) -> None:
@@ -271,7 +280,7 @@ def test_secrets_given_as_overrides_are_refused_saying_how_to_pass_them(
 
 
 def test_a_secret_in_the_yaml_file_is_refused(tmp_path: Path, tiny_data: dict) -> None:
-    tiny_data["storage"]["secret"] = "wJalrXUtnFEMI-not-a-real-key"
+    tiny_data.setdefault("storage", {})["secret"] = "wJalrXUtnFEMI-not-a-real-key"
     path = write_config(tmp_path, tiny_data)
     with pytest.raises(ConfigError, match=rf"config {path}: storage.secret: secrets are not") as e:
         load_config(path)
