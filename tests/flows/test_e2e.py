@@ -2,9 +2,10 @@
 
 The deployments are served by ``python -m flows.deployments`` exactly as a user would, runs are
 started with the ``prefect`` CLI, the new-labels event comes from ``python -m flows.watch``,
-and everything the pipeline writes goes to ``s3://``. The three tests share one storage prefix
-and run in file order: the event test reuses the first run's features and model, and the
-evaluate test scores the checkpoint the first run wrote.
+and everything the pipeline writes goes to ``s3://``. The tests share one storage prefix and one
+finished deployment run (the ``finished_run`` fixture, started once for the module): the event
+test reuses its features and model, the evaluate test scores its checkpoint. Each test asks for
+that fixture, so any one of them runs alone or in any order.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import pandas as pd
 import pytest
 
 from tasks.storage import Storage, StorageConfig
+from tests.helpers.services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -35,12 +37,6 @@ RUN_TIMEOUT_S = 420
 NEW_UNSEEN = ["chandelier", "wardrobe", "harpsichord", "stapler", "lampshade", "sofa"]
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop(process: subprocess.Popen[Any], timeout: float = 60) -> None:
@@ -157,7 +153,17 @@ def wait_for_final_state(services: Services, run_id: str, timeout: float) -> dic
         time.sleep(2)
 
 
-def test_deployment_run_on_s3_completes_with_metrics_artifact(services: Services) -> None:
+@dataclass(frozen=True)
+class FinishedRun:
+    """The module's first deployment run of the tiny config, completed."""
+
+    run_id: str
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def finished_run(services: Services) -> FinishedRun:
+    """Run the deployment once on the module's S3 prefix; every test builds on this run."""
     started = time.monotonic()
     done = services.run(
         str(BIN / "prefect"),
@@ -170,9 +176,14 @@ def test_deployment_run_on_s3_completes_with_metrics_artifact(services: Services
     run_id = output.split("UUID:")[1].split()[0]
     run = wait_for_final_state(services, run_id, 30)
     assert run["state_type"] == "COMPLETED", (services.logs / "serve.log").read_text()[-5000:]
-    print(f"deployment run completed in {time.monotonic() - started:.0f} s")
+    return FinishedRun(run_id, time.monotonic() - started)
 
-    artifacts = services.artifacts(run_id)
+
+def test_deployment_run_on_s3_completes_with_metrics_artifact(
+    services: Services, finished_run: FinishedRun
+) -> None:
+    print(f"deployment run completed in {finished_run.seconds:.0f} s")
+    artifacts = services.artifacts(finished_run.run_id)
     assert {"lesa-metrics", "lesa-summary", "lesa-report"} <= set(artifacts)
     rows = artifacts["lesa-metrics"]["data"]
     rows = json.loads(rows) if isinstance(rows, str) else rows
@@ -197,7 +208,9 @@ def test_deployment_run_on_s3_completes_with_metrics_artifact(services: Services
     assert any(key.startswith("features/emoji-tiny/") and key.endswith(".h5") for key in keys)
 
 
-def test_a_failing_stage_fails_the_run_with_its_reason(services: Services) -> None:
+def test_a_failing_stage_fails_the_run_with_its_reason(
+    services: Services, finished_run: FinishedRun
+) -> None:
     storage = services.storage()
     manifests = [
         url
@@ -251,7 +264,9 @@ def add_unseen_labels(storage: Storage, count: int) -> list[str]:
     return new
 
 
-def test_new_labels_event_triggers_a_zero_shot_run(services: Services) -> None:
+def test_new_labels_event_triggers_a_zero_shot_run(
+    services: Services, finished_run: FinishedRun
+) -> None:
     watch = (sys.executable, "-m", "flows.watch", "--config", TINY)
     watch += ("--set", f"storage.root={services.root}")
     baseline = services.run(*watch, timeout=180)
@@ -282,7 +297,9 @@ def test_new_labels_event_triggers_a_zero_shot_run(services: Services) -> None:
         assert label in summary
 
 
-def test_evaluate_cli_scores_the_earlier_checkpoint(services: Services) -> None:
+def test_evaluate_cli_scores_the_earlier_checkpoint(
+    services: Services, finished_run: FinishedRun
+) -> None:
     done = services.run(
         sys.executable,
         *("-m", "flows.evaluate", "--config", TINY, "--checkpoint", "final"),

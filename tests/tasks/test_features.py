@@ -15,7 +15,6 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import boto3
 import dask
@@ -46,9 +45,7 @@ from tasks.features import (
 )
 from tasks.images import decode_image
 from tasks.storage import Storage, StorageConfig
-
-if TYPE_CHECKING:
-    from tests.conftest import S3Server
+from tests.helpers.services import S3Server
 
 # -- helpers -----------------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -36,9 +35,7 @@ from tasks.datasets.nuswide import (
 from tasks.download import DownloadConfig, UnsafeArchiveError
 from tasks.images import sha256_hex
 from tasks.storage import Storage, StorageConfig
-
-if TYPE_CHECKING:
-    from tests.conftest import S3Server
+from tests.helpers.services import S3Server
 
 TAGS = ["dog", "Sky", "sunset", "car", "beach", "tree"]
 CONCEPTS = ["animal", "beach", "sky"]

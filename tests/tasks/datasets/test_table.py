@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -14,9 +13,7 @@ from tasks import schemas
 from tasks.datasets.base import DatasetError
 from tasks.datasets.table import TableConfig, prepare_table
 from tasks.storage import Storage, StorageConfig
-
-if TYPE_CHECKING:
-    from tests.conftest import S3Server
+from tests.helpers.services import S3Server
 
 VOCABULARY_CSV = "label,seen,tokens\ncat,true,\nsofa,1,couch\nhot_dog,no,\nzebra,unseen,\n"
 LABELS_CSV = (
