@@ -76,8 +76,9 @@ def print_run(result: Mapping[str, Any], *, title: str) -> None:
 
 def publish_run_artifacts(
     run_name: str, evaluation: EvaluationResult, summary_lines: Sequence[str]
-) -> None:
-    """Attach the metrics table, a Markdown summary, the report and links to its files."""
+) -> dict[str, Any]:
+    """Attach the metrics table, a Markdown summary, the report and links to its files; return
+    the run's result as the flows return it (metrics, summary, checkpoint, report files)."""
     create_table_artifact(
         key=METRICS_ARTIFACT_KEY,
         table=metrics_rows(evaluation.metrics),
@@ -109,6 +110,13 @@ def publish_run_artifacts(
             link_text=name,
             description=f"{run_name}: {name}",
         )
+    return {
+        "run_name": run_name,
+        "metrics": evaluation.metrics,
+        "summary": list(summary_lines),
+        "checkpoint": evaluation.checkpoint_url,
+        "reports": evaluation.report_urls,
+    }
 
 
 def _slug(name: str) -> str:

@@ -7,9 +7,11 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flows.artifacts import print_run
 from flows.temporary_api import TemporaryAPIError, start_temporary_api
 from tasks.config import (
     ConfigError,
@@ -99,6 +101,18 @@ def checked_config(
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     return overrides, config
+
+
+def run_command(run: Callable[[], Mapping[str, Any]], *, failure: str, title: str) -> int:
+    """Run a flow for an entry point and print its metrics table and summary (exit 0), or the
+    error that stopped it (exit 1)."""
+    try:
+        result = run()
+    except Exception as exc:
+        print(f"error: {failure}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print_run(result, title=title)
+    return 0
 
 
 def warn_without_api(consequence: str) -> None:

@@ -12,14 +12,13 @@ Labels added to the vocabulary since training are scored zero-shot.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.artifacts import print_run, publish_run_artifacts
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
+from flows.artifacts import publish_run_artifacts
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, run_command
 from flows.stages import evaluate_stage, prepare_inputs
 from tasks.checkpoints import CHECKPOINT_NAMES, checkpoint_url
 from tasks.config import Overrides, PipelineConfig, check_input_files, load_config
@@ -65,15 +64,7 @@ def evaluate(
         checkpoint_url=url,
         baseline_checkpoints=baselines,
     )
-    lines = [f"- {line}" for line in result.describe()]
-    publish_run_artifacts(cfg.run_name, result, lines)
-    return {
-        "run_name": cfg.run_name,
-        "metrics": result.metrics,
-        "summary": lines,
-        "checkpoint": url,
-        "reports": result.report_urls,
-    }
+    return publish_run_artifacts(cfg.run_name, result, [f"- {line}" for line in result.describe()])
 
 
 def _baseline_checkpoints(
@@ -117,13 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides, cfg = checked_config(parser, args)
     if cfg is None:
         return 2
-    try:
-        result = evaluate(config=args.config, overrides=overrides, checkpoint=args.checkpoint)
-    except Exception as exc:
-        print(f"error: evaluation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print_run(result, title=f"LESA run {cfg.run_name} (evaluation)")
-    return 0
+    return run_command(
+        lambda: evaluate(config=args.config, overrides=overrides, checkpoint=args.checkpoint),
+        failure="evaluation failed",
+        title=f"LESA run {cfg.run_name} (evaluation)",
+    )
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ this same flow).
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.artifacts import print_run, publish_run_artifacts
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
+from flows.artifacts import publish_run_artifacts
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, run_command
 from flows.stages import evaluate_stage, prepare_inputs
 from tasks.baselines import fit_eszsl_task, train_mean_pool_task
 from tasks.config import Overrides, PipelineConfig, check_input_files, load_config
@@ -95,15 +94,8 @@ def lesa(
     lines = summary_lines(training, evaluation, labels_update)
     for line in lines:
         logger.info(line.removeprefix("- "))
-    publish_run_artifacts(cfg.run_name, evaluation, lines)
-    return {
-        "run_name": cfg.run_name,
-        "metrics": evaluation.metrics,
-        "summary": lines,
-        "retrained": not training.reused,
-        "checkpoint": evaluation.checkpoint_url,
-        "reports": evaluation.report_urls,
-    }
+    result = publish_run_artifacts(cfg.run_name, evaluation, lines)
+    return {**result, "retrained": not training.reused}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,13 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides, cfg = checked_config(parser, args)
     if cfg is None:
         return 2
-    try:
-        result = lesa(config=args.config, overrides=overrides)
-    except Exception as exc:
-        print(f"error: the pipeline failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print_run(result, title=f"LESA run {cfg.run_name}")
-    return 0
+    return run_command(
+        lambda: lesa(config=args.config, overrides=overrides),
+        failure="the pipeline failed",
+        title=f"LESA run {cfg.run_name}",
+    )
 
 
 if __name__ == "__main__":

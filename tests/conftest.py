@@ -1,15 +1,17 @@
-"""Shared fixtures: a real S3 API server (moto) on 127.0.0.1."""
+"""Shared fixtures: a real S3 API server (moto) on 127.0.0.1 and storage on it."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
-import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
 from tasks.settings import ENVIRONMENT_SETTINGS
+from tasks.storage import Storage, StorageConfig
 from tests.helpers.services import S3Server, free_port
 
 # A shell that sourced a local stack's stack.env must not point the tests at that stack.
@@ -30,13 +32,7 @@ def s3_server(monkeypatch_session: pytest.MonkeyPatch) -> Iterator[S3Server]:
         "AWS_DEFAULT_REGION": info.region,
     }.items():
         monkeypatch_session.setenv(name, value)
-    boto3.client(
-        "s3",
-        endpoint_url=info.endpoint_url,
-        aws_access_key_id=info.key,
-        aws_secret_access_key=info.secret,
-        region_name=info.region,
-    ).create_bucket(Bucket=info.bucket)
+    info.client().create_bucket(Bucket=info.bucket)
     yield info
     server.stop()
 
@@ -46,3 +42,15 @@ def monkeypatch_session() -> Iterator[pytest.MonkeyPatch]:
     patch = pytest.MonkeyPatch()
     yield patch
     patch.undo()
+
+
+@pytest.fixture
+def s3_storage(s3_server: S3Server, tmp_path: Path) -> Storage:
+    """Storage on a fresh prefix of the test S3 server, with its own local cache."""
+    return Storage(
+        StorageConfig(
+            root=f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
+            endpoint_url=s3_server.endpoint_url,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )

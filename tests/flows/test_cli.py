@@ -41,7 +41,7 @@ def test_bad_config_fails_before_any_work(
     module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
-    data["storage"]["root"] = str(tmp_path / "store")
+    data["storage"] = {"root": str(tmp_path / "store")}
     data["train"]["lr"] = "fast"
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -59,7 +59,7 @@ def test_missing_input_file_fails_before_any_work(
     module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
-    data["storage"]["root"] = str(tmp_path / "store")
+    data["storage"] = {"root": str(tmp_path / "store")}
     (tmp_path / "vocabulary.csv").write_text("label,seen\ncat,true\n")
     data["dataset"] = {
         "source": "table",

@@ -57,17 +57,15 @@ def test_help_describes_the_options(capsys) -> None:
         assert option in text
 
 
-def test_empty_label_list_fails_before_any_work(inputs, capsys) -> None:
-    code = main(
-        [
-            "--checkpoint",
-            str(inputs["checkpoint"]),
-            "--images",
-            str(inputs["images"]),
-            "--labels",
-            " , ",
-        ]
+def tag_images(inputs: dict[str, Path], *options: str) -> int:
+    """``python -m flows.predict`` on the test checkpoint and image folder, with ``options``."""
+    return main(
+        ["--checkpoint", str(inputs["checkpoint"]), "--images", str(inputs["images"]), *options]
     )
+
+
+def test_empty_label_list_fails_before_any_work(inputs, capsys) -> None:
+    code = tag_images(inputs, "--labels", " , ")
     assert code == 2
     assert "holds no labels" in capsys.readouterr().err
 
@@ -84,20 +82,15 @@ def test_bad_arguments_exit_with_usage_error(inputs) -> None:
 @pytest.mark.slow
 def test_cli_tags_a_folder_with_new_labels(inputs, prefect_api, capsys) -> None:
     out = inputs["root"] / "out"
-    code = main(
-        [
-            "--checkpoint",
-            str(inputs["checkpoint"]),
-            "--images",
-            str(inputs["images"]),
-            "--labels",
-            "cat,zebra,hot dog",
-            "--top-k",
-            "2",
-            "--out",
-            str(out),
-            "--attention-maps",
-        ]
+    code = tag_images(
+        inputs,
+        "--labels",
+        "cat,zebra,hot dog",
+        "--top-k",
+        "2",
+        "--out",
+        str(out),
+        "--attention-maps",
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -117,19 +110,14 @@ def test_cli_tags_a_folder_with_new_labels(inputs, prefect_api, capsys) -> None:
 
 @pytest.mark.slow
 def test_cli_unembeddable_label_is_a_clear_error(inputs, prefect_api, capsys) -> None:
-    code = main(
-        [
-            "--checkpoint",
-            str(inputs["checkpoint"]),
-            "--images",
-            str(inputs["images"]),
-            "--labels",
-            "cat,blorptangle",
-            "--top-k",
-            "1",
-            "--out",
-            str(inputs["root"] / "never"),
-        ]
+    code = tag_images(
+        inputs,
+        "--labels",
+        "cat,blorptangle",
+        "--top-k",
+        "1",
+        "--out",
+        str(inputs["root"] / "never"),
     )
     assert code == 2
     assert "blorptangle" in capsys.readouterr().err

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from typing import Any
+
+import boto3
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,16 @@ class S3Server:
     key: str = "testing"
     secret: str = "testing"
     region: str = "us-east-1"
+
+    def client(self) -> Any:
+        """A boto3 S3 client for the server, with its test credentials."""
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+            region_name=self.region,
+        )
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ from sklearn.metrics import average_precision_score
 
 from lesa_model import metrics
 from lesa_model.metrics import average_precision, evaluate_zero_shot, precision_recall_f1_at_k
+from tests.helpers.reference_metrics import loop_prf_at_k
 
 
 def _random_problem(seed: int, n: int = 200, c: int = 30, ties: bool = False):
@@ -80,22 +81,11 @@ def test_hand_computed_f1_at_k() -> None:
     assert f1 == pytest.approx(2 * (1 / 3) * (2 / 3) / (1 / 3 + 2 / 3))
 
 
-def _loop_prf_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float, float]:
-    """REFERENCE.md section 3 written one image at a time (random scores: no ties at the K-th)."""
-    hits = 0
-    for row, truth in zip(scores, labels, strict=True):
-        top = sorted(range(len(row)), key=lambda column: -row[column])[:k]
-        hits += sum(1 for column in top if truth[column] == 1)
-    precision = hits / (len(scores) * k)
-    recall = hits / int((labels == 1).sum())
-    return precision, recall, 2 * precision * recall / (precision + recall)
-
-
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_precision_recall_f1_equal_a_per_image_loop(k: int) -> None:
     scores, labels = _random_problem(7, n=60, c=12)
     assert precision_recall_f1_at_k(scores, labels, k) == pytest.approx(
-        _loop_prf_at_k(scores, labels, k), rel=1e-12
+        loop_prf_at_k(scores, labels, k), rel=1e-12
     )
 
 

@@ -312,14 +312,8 @@ def test_glove_text_file_source(tmp_path: Path, storage: Storage) -> None:
 
 
 @pytest.mark.slow
-def test_glove_text_file_on_s3(s3_server, tmp_path: Path) -> None:
-    storage = Storage(
-        StorageConfig(
-            root=f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
-            endpoint_url=s3_server.endpoint_url,
-            cache_dir=str(tmp_path / "cache"),
-        )
-    )
+def test_glove_text_file_on_s3(tmp_path: Path, s3_storage: Storage) -> None:
+    storage = s3_storage
     local = tmp_path / "g.txt"
     table = _write_glove_text(local)
     url = storage.url("vectors", "g.txt")

@@ -14,6 +14,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from lesa_model.checkpoint import load_model
+from lesa_model.model import LesaOutput
 from tasks.backbones import resize_side
 from tasks.baselines import BaselineTuning, fit_eszsl_baseline, load_eszsl, train_mean_pool
 from tasks.checkpoints import CheckpointMismatchError
@@ -21,6 +22,7 @@ from tasks.embeddings import GloveFile
 from tasks.evaluation import EvaluationConfig, evaluate_checkpoint, report_prefix
 from tasks.feature_config import FeatureIdentity
 from tasks.stage_inputs import DatasetTables
+from tests.helpers.reference_metrics import loop_prf_at_k
 from tests.helpers.training_inputs import SEEN, UNSEEN, Synthetic, synthetic, train
 
 IMAGE = 40
@@ -35,13 +37,7 @@ def reference_metrics(scores: np.ndarray, truth: np.ndarray, columns: list[int],
         aps.append(
             average_precision_score(positives, scores[annotated, c]) if positives.any() else 0.0
         )
-    hits = 0
-    for row_scores, row_truth in zip(scores[:, columns], truth[:, columns], strict=True):
-        top = sorted(range(len(columns)), key=lambda j: -row_scores[j])[:k]
-        hits += sum(row_truth[j] == 1 for j in top)
-    precision = hits / (len(scores) * k)
-    recall = hits / int((truth[:, columns] == 1).sum())
-    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    precision, recall, f1 = loop_prf_at_k(scores[:, columns], truth[:, columns], k)
     return {"mAP": float(np.mean(aps)), f"P@{k}": precision, f"R@{k}": recall, f"F1@{k}": f1}
 
 
@@ -55,6 +51,17 @@ def features_from_shards(inputs: Synthetic) -> tuple[list[str], np.ndarray]:
             by_id.update(zip(ids, shard["features"][:], strict=True))
     test = inputs.tables.split("test")
     return test["image_id"].tolist(), np.stack([by_id[i] for i in test["image_id"]])
+
+
+def model_output(
+    inputs: Synthetic, checkpoint: str, labels: list[str]
+) -> tuple[list[str], LesaOutput]:
+    """The checkpoint's forward pass over the test images, straight from the shards."""
+    ids, features = features_from_shards(inputs)
+    model, _ = load_model(checkpoint)
+    with torch.no_grad():
+        vectors = torch.from_numpy(inputs.embeddings.vectors(labels))
+        return ids, model(torch.from_numpy(features), vectors)
 
 
 def truth_matrix(tables: DatasetTables, ids: list[str], labels: list[str]) -> np.ndarray:
@@ -92,12 +99,8 @@ def test_metrics_match_sklearn_and_loops(trained: tuple[Synthetic, str]) -> None
     inputs, checkpoint = trained
     result = evaluate(inputs, checkpoint)
     labels = SEEN + UNSEEN
-    ids, features = features_from_shards(inputs)
-    model, _ = load_model(checkpoint)
-    with torch.no_grad():
-        scores = model(
-            torch.from_numpy(features), torch.from_numpy(inputs.embeddings.vectors(labels))
-        ).scores.numpy()
+    ids, output = model_output(inputs, checkpoint, labels)
+    scores = output.scores.numpy()
     truth = truth_matrix(inputs.tables, ids, labels)
     unseen = [labels.index(label) for label in UNSEEN]
     everything = list(range(len(labels)))
@@ -259,13 +262,9 @@ def test_pointing_game_uses_each_pairs_selected_attention(trained: tuple[Synthet
     )
 
     labels = SEEN + UNSEEN
-    ids, features = features_from_shards(inputs)
-    model, _ = load_model(checkpoint)
-    with torch.no_grad():
-        output = model(
-            torch.from_numpy(features), torch.from_numpy(inputs.embeddings.vectors(labels))
-        )
-    crop = 224 / resize_side(224)
+    ids, output = model_output(inputs, checkpoint, labels)
+    size = inputs.features.identity.image_size
+    crop = size / resize_side(size)
     side = IMAGE * crop
     offset = (IMAGE - side) / 2
     hits = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,14 +177,8 @@ def test_missing_or_invalid_manifest(storage: Storage, toy: ToySet) -> None:
         FeatureStore(toy.manifest_url, storage)
 
 
-def test_store_reads_remote_shards_through_the_cache(s3_server, tmp_path: Path) -> None:
-    storage = Storage(
-        StorageConfig(
-            root=f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
-            endpoint_url=s3_server.endpoint_url,
-            cache_dir=str(tmp_path / "cache"),
-        )
-    )
+def test_store_reads_remote_shards_through_the_cache(tmp_path: Path, s3_storage: Storage) -> None:
+    storage = s3_storage
     toy = write_toy_set(
         storage, storage.url("features", "toy"), [3, 2], dtype="float16", folder=tmp_path / "w"
     )

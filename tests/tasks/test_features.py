@@ -11,12 +11,10 @@ import signal
 import struct
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import dask
 import h5py
 import numpy as np
@@ -76,13 +74,7 @@ def bomb_png(width: int = 12_000, height: int = 12_000) -> bytes:
 def put_archived_object(server: S3Server, url: str, data: bytes) -> None:
     """Store ``data`` at ``url`` in the GLACIER storage class: listed, but GetObject refuses it."""
     bucket, key = url.removeprefix("s3://").split("/", 1)
-    boto3.client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        aws_access_key_id=server.key,
-        aws_secret_access_key=server.secret,
-        region_name=server.region,
-    ).put_object(Bucket=bucket, Key=key, Body=data, StorageClass="GLACIER")
+    server.client().put_object(Bucket=bucket, Key=key, Body=data, StorageClass="GLACIER")
 
 
 def label_table(ids: list[str], uris: list[str]) -> pd.DataFrame:
@@ -527,14 +519,8 @@ def test_worker_killed_mid_shard_leaves_only_verified_shards_and_rerun_completes
 
 
 @pytest.mark.slow
-def test_s3_round_trip_on_its_own_local_cluster(s3_server: S3Server, tmp_path: Path) -> None:
-    storage = Storage(
-        StorageConfig(
-            root=f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
-            endpoint_url=s3_server.endpoint_url,
-            cache_dir=str(tmp_path / "cache"),
-        )
-    )
+def test_s3_round_trip_on_its_own_local_cluster(s3_server: S3Server, s3_storage: Storage) -> None:
+    storage = s3_storage
     table = write_images(storage, 5)
     archived = storage.url("images", "cold.png")
     put_archived_object(s3_server, archived, png_bytes(9))

@@ -26,6 +26,7 @@ from tasks.reports import (
     write_report,
 )
 from tasks.storage import Storage, StorageConfig
+from tests.helpers.reference_metrics import loop_prf_at_k
 
 NAMES = ["cat", "dog", "fish", "tree", "whale"]
 SEEN = np.array([True, True, False, True, False])
@@ -66,17 +67,6 @@ def test_label_ap_table_matches_sklearn_on_annotated_images() -> None:
         assert row["positives"] == (labels[:, index] == 1).sum()
 
 
-def _loop_prf(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float, float]:
-    hits = 0
-    for row_scores, row_labels in zip(scores, labels, strict=True):
-        top = sorted(range(len(row_scores)), key=lambda c: -row_scores[c])[:k]
-        hits += sum(1 for c in top if row_labels[c] == 1)
-    precision = hits / (len(scores) * k)
-    recall = hits / (labels == 1).sum()
-    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-    return precision, recall, f1
-
-
 def test_topk_curve_matches_loop_for_zsl_and_gzsl() -> None:
     scores, labels = _data(1)
     curve = topk_curve(scores, labels, SEEN, ks=(1, 2, 3, 4))
@@ -85,7 +75,7 @@ def test_topk_curve_matches_loop_for_zsl_and_gzsl() -> None:
     assert curve[curve["setting"] == "gzsl"]["k"].tolist() == [1, 2, 3, 4]
     for row in curve.itertuples(index=False):
         columns = ~SEEN if row.setting == "zsl" else np.ones(5, dtype=bool)
-        expected = _loop_prf(scores[:, columns], labels[:, columns], row.k)
+        expected = loop_prf_at_k(scores[:, columns], labels[:, columns], row.k)
         assert (row.precision, row.recall, row.f1) == pytest.approx(expected, abs=1e-6)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import shutil
 import threading
-import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,7 +34,6 @@ from tasks.datasets.nuswide import (
 from tasks.download import DownloadConfig, UnsafeArchiveError
 from tasks.images import sha256_hex
 from tasks.storage import Storage, StorageConfig
-from tests.helpers.services import S3Server
 
 TAGS = ["dog", "Sky", "sunset", "car", "beach", "tree"]
 CONCEPTS = ["animal", "beach", "sky"]
@@ -444,15 +442,9 @@ def _url_list(server: _PhotoServer) -> str:
 
 
 @pytest.mark.slow
-def test_download_into_s3_round_trip(tmp_path: Path, s3_server: S3Server) -> None:
+def test_download_into_s3_round_trip(tmp_path: Path, s3_storage: Storage) -> None:
     """Metadata on S3, images downloaded from HTTP into S3 storage, tables read back from S3."""
-    storage = Storage(
-        StorageConfig(
-            root=f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
-            endpoint_url=s3_server.endpoint_url,
-            cache_dir=str(tmp_path / "cache"),
-        )
-    )
+    storage = s3_storage
     server = _PhotoServer()
     local = write_nuswide(tmp_path / "nus")
     (local / "NUS-WIDE-urls.txt").write_text(_url_list(server))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from tasks import schemas
 from tasks.datasets.base import DatasetError
 from tasks.datasets.table import TableConfig, prepare_table
 from tasks.storage import Storage, StorageConfig
-from tests.helpers.services import S3Server
 
 VOCABULARY_CSV = "label,seen,tokens\ncat,true,\nsofa,1,couch\nhot_dog,no,\nzebra,unseen,\n"
 LABELS_CSV = (
@@ -240,14 +238,8 @@ def test_a_table_rewritten_in_place_is_a_new_version(tmp_path: Path, storage: St
 
 
 @pytest.mark.slow
-def test_inputs_and_outputs_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
-    storage = Storage(
-        StorageConfig(
-            root=f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
-            endpoint_url=s3_server.endpoint_url,
-            cache_dir=str(tmp_path / "cache"),
-        )
-    )
+def test_inputs_and_outputs_on_s3(s3_storage: Storage) -> None:
+    storage = s3_storage
     storage.write_bytes(storage.url("raw/labels.csv"), LABELS_CSV.encode())
     storage.write_parquet(
         storage.url("raw/vocab.parquet"),
