@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from stacks import StackProcess, start_stack
+
+from tests.helpers.stacks import StackProcess, start_stack
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 from distributed import Client
-from stacks import REPO, StackProcess, free_port, port_open, read_env_file, start_stack, wait_for
 
 from tasks.storage import Storage, StorageConfig
+from tests.helpers.stacks import (
+    REPO,
+    StackProcess,
+    free_port,
+    port_open,
+    read_env_file,
+    start_stack,
+    wait_for,
+)
 
 BIN = Path(sys.executable).parent
 

@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pandas as pd
 import pytest
-from stacks import REPO, StackProcess, free_port, wait_for
 
 from infra.local_stack import Stack
 from tasks.storage import Storage, StorageConfig
+from tests.helpers.stacks import REPO, StackProcess, free_port, wait_for
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 ACTIVE = ("RUNNING", "PENDING")

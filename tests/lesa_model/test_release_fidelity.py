@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import release_reference as tf_ref
 import torch
 
+import tests.helpers.release_reference as tf_ref
 from lesa_model.config import L2Config, LossConfig, ModelConfig
 from lesa_model.losses import lesa_loss
 from lesa_model.model import LESA
