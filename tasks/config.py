@@ -21,7 +21,7 @@ from lesa_model.config import LossConfig, ModelConfig, TrainerConfig
 from tasks.ablation_config import AblationConfig
 from tasks.backbones import PRETRAINED, RANDOM
 from tasks.datasets import DatasetConfig
-from tasks.embeddings import EmbeddingConfig
+from tasks.embeddings import EmbeddingConfig, NusWideRelease
 from tasks.evaluation import EvaluationConfig
 from tasks.feature_config import FeaturesConfig
 from tasks.settings import environment_overrides
@@ -94,6 +94,24 @@ class PipelineConfig(StrictModel):
     train: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     ablation: AblationConfig = Field(default_factory=AblationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _release_vectors_name_their_rows(cls, data: Any) -> Any:
+        """The authors' NUS-WIDE vectors name their rows from the run's NUS-WIDE metadata."""
+        if not isinstance(data, Mapping):
+            return data
+        source = (data.get("embeddings") or {}).get("source")
+        dataset = data.get("dataset") or {}
+        if (
+            isinstance(source, Mapping)
+            and source.get("kind") == NusWideRelease.model_fields["kind"].default
+            and not source.get("metadata")
+            and dataset.get("source") == "nus-wide"
+        ):
+            source = {**source, "metadata": dataset.get("metadata")}
+            return {**data, "embeddings": {**data["embeddings"], "source": source}}
+        return data
 
     @model_validator(mode="after")
     def _one_k_setting(self) -> PipelineConfig:

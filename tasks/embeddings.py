@@ -162,7 +162,79 @@ class GensimData(SourceKind):
         return _load_gensim(self.name)
 
 
-SOURCE_KINDS: tuple[type[SourceKind], ...] = (KumoGlove, GloveFile, GensimData)
+RELEASE_VECTORS = Path(__file__).resolve().parents[1].joinpath(
+    "reference", "lesa-release", "nus-wide-glove300-release.npz"
+)
+"""The authors' NUS-WIDE label vectors, shipped with the project (reference/lesa-release/)."""
+
+
+class NusWideRelease(SourceKind):
+    """The authors' own NUS-WIDE label vectors (GloVe ``glove-wiki-gigaword-300``), so NUS-WIDE
+    needs no word-vector download.
+
+    The file holds ``tags1k`` (in TagList1k.txt order) and ``concepts81`` (in Concepts81.txt
+    order) but no names, so the names are read from the NUS-WIDE metadata: ``metadata`` is that
+    folder (default: the run's ``dataset.metadata``). Each name keys its row; a name in both
+    lists has the same vector in both (checked). ``vectors`` defaults to the shipped copy.
+    """
+
+    kind: Literal["nus-wide-release"] = "nus-wide-release"
+    metadata: NonEmpty | None = None
+    vectors: NonEmpty | None = None
+    example: ClassVar[str] = "{kind: nus-wide-release}"
+
+    @property
+    def identity(self) -> str:
+        """The vectors' file, not where the names were read: names enter every cache key as the
+        vocabulary's labels, and the shipped file is the same on every machine."""
+        return self.kind if self.vectors is None else f"{self.kind}:{self.vectors}"
+
+    def load(self, storage: Storage) -> KeyedVectors:
+        if self.metadata is None:
+            raise EmbeddingSourceError(
+                "embedding source nus-wide-release needs the NUS-WIDE metadata folder (the "
+                "names of its rows): set embeddings.source.metadata, or use dataset nus-wide"
+            )
+        # Imported here: tasks.datasets imports this module (emoji scenes embed words).
+        from tasks.datasets.nuswide import read_label_lists
+
+        tags, concepts = read_label_lists(storage, self.metadata)
+        return _release_keyed_vectors(storage, self.vectors or str(RELEASE_VECTORS), tags, concepts)
+
+    def input_files(self) -> dict[str, str]:
+        fields = {"vectors": self.vectors, "metadata": self.metadata}
+        return {key: value for key, value in fields.items() if value}
+
+
+def _release_keyed_vectors(
+    storage: Storage, url: str, tags: Sequence[str], concepts: Sequence[str]
+) -> KeyedVectors:
+    """KeyedVectors keyed by the lower-cased tag and concept names."""
+    try:
+        with storage.open(url, "rb") as handle, np.load(handle) as arrays:
+            rows = {"tags1k": arrays["tags1k"], "concepts81": arrays["concepts81"]}
+    except (OSError, KeyError, ValueError) as error:
+        raise EmbeddingSourceError(
+            f"{url} is not the release's vector file (arrays tags1k and concepts81): {error}"
+        ) from error
+    vectors: dict[str, np.ndarray] = {}
+    for names, (array_name, array) in zip((tags, concepts), rows.items(), strict=True):
+        if len(names) != len(array):
+            raise EmbeddingSourceError(
+                f"{url}: {array_name} holds {len(array)} vectors but the metadata lists "
+                f"{len(names)} names; the file belongs to the official 1,000 tags and 81 concepts"
+            )
+        for name, vector in zip(names, array, strict=True):
+            key = name.strip().lower()
+            if key in vectors and not np.allclose(vectors[key], vector):
+                raise EmbeddingSourceError(f"{url}: {key!r} has two different vectors")
+            vectors[key] = vector
+    keyed = KeyedVectors(vector_size=rows["tags1k"].shape[1], count=0, dtype=np.float32)
+    keyed.add_vectors(list(vectors), np.stack(list(vectors.values())).astype(np.float32))
+    return keyed
+
+
+SOURCE_KINDS: tuple[type[SourceKind], ...] = (KumoGlove, GloveFile, GensimData, NusWideRelease)
 """Every source kind; the union below is built from it."""
 
 
@@ -239,11 +311,12 @@ def tokenize_label(label: str) -> list[str]:
 
 
 def load_keyed_vectors(source: SourceKind, storage: Storage | None = None) -> KeyedVectors:
-    """Word vectors of ``source``, loaded once per process."""
+    """Word vectors of ``source``, loaded once per process (per value of all its fields)."""
+    key = source.model_dump_json()
     with _load_lock:
-        if source.identity not in _loaded:
-            _loaded[source.identity] = source.load(storage or Storage())
-        return _loaded[source.identity]
+        if key not in _loaded:
+            _loaded[key] = source.load(storage or Storage())
+        return _loaded[key]
 
 
 def _load_kumo() -> KeyedVectors:

@@ -323,6 +323,19 @@ def _ground_truth_layout(
     )
 
 
+def read_label_lists(storage: Storage, metadata: str) -> tuple[list[str], list[str]]:
+    """The 1,000 tags of TagList1k.txt and the 81 concepts of Concepts81.txt, in file order."""
+    return _read_name_lists(storage, metadata_resolver(storage, metadata))
+
+
+def _read_name_lists(storage: Storage, url: Callable[[str], str]) -> tuple[list[str], list[str]]:
+    tags = _unique_names(_read_lines(storage, url(TAG_LIST), "tag list"), url(TAG_LIST), "tag list")
+    concepts = _unique_names(
+        _read_lines(storage, url(CONCEPT_LIST), "concept list"), url(CONCEPT_LIST), "concept list"
+    )
+    return tags, concepts
+
+
 def read_nuswide_metadata(
     storage: Storage,
     metadata: str,
@@ -331,10 +344,7 @@ def read_nuswide_metadata(
 ) -> NusWideMetadata:
     """Parse and cross-check the official files (row counts, duplicates, list membership)."""
     url = metadata_resolver(storage, metadata)
-    tags = _unique_names(_read_lines(storage, url(TAG_LIST), "tag list"), url(TAG_LIST), "tag list")
-    concepts = _unique_names(
-        _read_lines(storage, url(CONCEPT_LIST), "concept list"), url(CONCEPT_LIST), "concept list"
-    )
+    tags, concepts = _read_name_lists(storage, url)
     train_paths = _read_image_list(storage, url(TRAIN_LIST), "train image list")
     test_paths = _read_image_list(storage, url(TEST_LIST), "test image list")
     overlap = set(train_paths) & set(test_paths)
