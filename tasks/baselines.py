@@ -123,6 +123,7 @@ class _Inputs:
             unseen_labels=self.data.unseen,
             embedding_source=inputs.embeddings.source,
             embedding_dim=int(self.vectors.shape[1]),
+            label_text=inputs.embeddings.text,
             feature_key=inputs.features.key,
             features=inputs.features.identity,
         )

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lesa_model.checkpoint import load_model
 from lesa_model.model import LESA
-from tasks.embeddings import EmbeddingSource, SourceKind
+from tasks.embeddings import EmbeddingSource, LabelText, SourceKind
 from tasks.feature_config import FeatureIdentity, feature_key
 from tasks.storage import Storage
 
@@ -46,6 +46,9 @@ class CheckpointMetadata(BaseModel):
     """Unseen labels of the vocabulary at training time (scored zero-shot)."""
     embedding_source: EmbeddingSource
     embedding_dim: int
+    label_text: LabelText = "label"
+    """What embedded the labels in training (``embeddings.text``); new labels at prediction
+    time are embedded from their words only."""
     feature_key: str
     features: FeatureIdentity
 

@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 _CACHE_FORMAT = 1
 _TOKEN_SEPARATORS = re.compile(r"[\s_\-/]+")
+_PHRASE_SEPARATOR = ";"
+_FUNCTION_WORDS = frozenset({"a", "an", "and", "at", "for", "in", "of", "on", "the", "with"})
+"""Left out of descriptions only: they carry no meaning of their own but pull every averaged
+vector toward the same place."""
 _SHOWN = 10
 
 _loaded: dict[str, KeyedVectors] = {}
@@ -265,10 +269,22 @@ EmbeddingSource = Annotated[
 """Where word vectors come from: one of :data:`SOURCE_KINDS`, chosen by ``kind``."""
 
 
+LabelText = Literal["label", "label+description"]
+
+
 class EmbeddingConfig(StrictModel):
-    """Where word vectors come from and what to do with labels they do not cover."""
+    """Where word vectors come from, what text embeds a label, and what to do with labels the
+    vectors do not cover.
+
+    ``text``: ``label`` embeds a label from its own words (the paper's rule). ``label+description``
+    averages that vector with one per phrase of the vocabulary's ``description`` (phrases
+    separated by ``;``, common function words left out): richer text for datasets that have it
+    (emoji-scenes: the emoji's Unicode name and family; a user table's ``description`` column).
+    Labels given at prediction time have no description and are embedded from their words.
+    """
 
     source: EmbeddingSource = Field(default_factory=KumoGlove)
+    text: LabelText = "label"
     oov: Literal["fail", "drop"] = "fail"
     cache: bool = True
 
@@ -284,6 +300,7 @@ class EmbeddingResult:
     source: SourceKind
     url: str | None = None
     cached: bool = False
+    text: LabelText = "label"
 
     def embedded(self, labels: Sequence[str]) -> list[str]:
         """``labels`` that have a vector (``oov: drop`` may have dropped some), in order."""
@@ -407,10 +424,19 @@ def _load_gensim(name: str) -> KeyedVectors:
     return model
 
 
-def cache_url(vocabulary: pd.DataFrame, source: SourceKind, storage: Storage) -> str:
+def cache_url(
+    vocabulary: pd.DataFrame, source: SourceKind, storage: Storage, text: LabelText = "label"
+) -> str:
     """Where the embeddings of ``vocabulary`` from ``source`` are cached in ``storage``."""
     labels, tokens = _label_tokens(vocabulary)
-    key = {"format": _CACHE_FORMAT, "source": source.identity, "labels": labels, "tokens": tokens}
+    key: dict[str, Any] = {
+        "format": _CACHE_FORMAT,
+        "source": source.identity,
+        "labels": labels,
+        "tokens": tokens,
+    }
+    if text != "label":
+        key |= {"text": text, "descriptions": _descriptions(vocabulary, text)}
     return storage.url("embeddings", f"{source.slug()}-{content_hash(key, 16)}.parquet")
 
 
@@ -418,23 +444,63 @@ def _label_tokens(vocabulary: pd.DataFrame) -> tuple[list[str], list[str]]:
     return vocabulary["label"].astype(str).tolist(), vocabulary["tokens"].astype(str).tolist()
 
 
-def _embed(labels: Sequence[str], tokens: Sequence[str], keyed: KeyedVectors) -> pd.DataFrame:
-    """Normalised mean vectors of the labels with at least one known token."""
+def _descriptions(vocabulary: pd.DataFrame, text: LabelText) -> list[str] | None:
+    """Each label's description for ``text: label+description`` ("" where it has none)."""
+    if text == "label":
+        return None
+    if "description" not in vocabulary.columns:
+        raise ValueError(
+            "embeddings.text is label+description but the dataset's vocabulary has no "
+            "description column (emoji-scenes has one; a table dataset can add it)"
+        )
+    return [value if isinstance(value, str) else "" for value in vocabulary["description"]]
+
+
+def _unit_mean(words: Sequence[str], keyed: KeyedVectors) -> np.ndarray | None:
+    """Unit-length mean of the vectors of ``words`` (None when none is known or they cancel)."""
+    known = [word for word in words if word in keyed.key_to_index]
+    if not known:
+        return None
+    mean = np.mean([keyed[word] for word in known], axis=0, dtype=np.float64)
+    norm = float(np.linalg.norm(mean))
+    return mean / norm if norm > 1e-12 else None
+
+
+def _description_parts(description: str, keyed: KeyedVectors) -> list[np.ndarray]:
+    """One unit vector per ``;``-separated phrase of a description that has a known word."""
+    parts = []
+    for phrase in description.split(_PHRASE_SEPARATOR):
+        words = [word for word in tokenize_label(phrase) if word not in _FUNCTION_WORDS]
+        vector = _unit_mean(words, keyed)
+        if vector is not None:
+            parts.append(vector)
+    return parts
+
+
+def _embed(
+    labels: Sequence[str],
+    tokens: Sequence[str],
+    keyed: KeyedVectors,
+    descriptions: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Normalised mean vectors of the labels with at least one known token; with
+    ``descriptions``, the normalised mean of that vector and one per description phrase."""
     rows_label, rows_vector = [], []
-    for label, text in zip(labels, tokens, strict=True):
+    for index, (label, text) in enumerate(zip(labels, tokens, strict=True)):
         words = tokenize_label(text)
-        known = [word for word in words if word in keyed.key_to_index]
-        if not known:
+        vector = _unit_mean(words, keyed)
+        if vector is None:
             continue
+        known = [word for word in words if word in keyed.key_to_index]
         if len(known) < len(words):
             unknown = sorted(set(words) - set(known))
             logger.info("label %r: tokens %s not in the word vectors", label, unknown)
-        mean = np.mean([keyed[word] for word in known], axis=0, dtype=np.float64)
-        norm = float(np.linalg.norm(mean))
-        if norm <= 1e-12:
-            continue
+        if descriptions is not None:
+            parts = [vector, *_description_parts(descriptions[index], keyed)]
+            vector = np.mean(parts, axis=0)
+            vector = vector / np.linalg.norm(vector)
         rows_label.append(label)
-        rows_vector.append((mean / norm).tolist())
+        rows_vector.append(vector.tolist())
     return pd.DataFrame({"label": pd.Series(rows_label, dtype=str), "vector": rows_vector})
 
 
@@ -471,7 +537,9 @@ def _result(
             raise OOVError(f"{message}; set embeddings.oov='drop' to drop them", oov)
         logger.warning("%s; dropping them", message)
         warnings.warn(f"{message}; dropping them", OOVWarning, stacklevel=3)
-    return EmbeddingResult(embeddings, oov, coverage, config.source, url=url, cached=cached)
+    return EmbeddingResult(
+        embeddings, oov, coverage, config.source, url=url, cached=cached, text=config.text
+    )
 
 
 def embed_labels(
@@ -480,7 +548,8 @@ def embed_labels(
     """Embed every vocabulary label from its ``tokens``, through the storage cache."""
     vocabulary = validate(vocabulary, Vocabulary, stage="embed-labels: vocabulary")
     labels, tokens = _label_tokens(vocabulary)
-    url = cache_url(vocabulary, config.source, storage)
+    descriptions = _descriptions(vocabulary, config.text)
+    url = cache_url(vocabulary, config.source, storage, config.text)
     if config.cache and storage.exists(url):
         embeddings = validate(
             storage.read_parquet(url), LabelEmbeddings, stage="embed-labels: cached embeddings"
@@ -488,7 +557,9 @@ def embed_labels(
         return _result(labels, tokens, embeddings, config, url=url, cached=True)
     keyed = load_keyed_vectors(config.source, storage)
     embeddings = validate(
-        _embed(labels, tokens, keyed), LabelEmbeddings, stage="embed-labels: embeddings"
+        _embed(labels, tokens, keyed, descriptions),
+        LabelEmbeddings,
+        stage="embed-labels: embeddings",
     )
     if config.cache:
         storage.write_parquet(url, embeddings)
@@ -500,7 +571,8 @@ def embed_labels(
 def embed_words(
     labels: Sequence[str], config: EmbeddingConfig, storage: Storage | None = None
 ) -> EmbeddingResult:
-    """Embed label names given on the fly (e.g. new labels at prediction time); not cached."""
+    """Embed label names given on the fly (e.g. new labels at prediction time), from their
+    words only (``config.text`` needs a vocabulary's descriptions); not cached."""
     labels = [str(label) for label in labels]
     duplicates = sorted(label for label, count in Counter(labels).items() if count > 1)
     if duplicates:

@@ -242,6 +242,12 @@ def _label_vectors(labels: Sequence[str], predictor: Predictor, storage: Storage
 
     Every label must be embeddable: a misspelt label would otherwise vanish from the output.
     """
+    if predictor.metadata.label_text != "label":
+        logger.warning(
+            "the model was trained on %s vectors; labels given here are embedded from their "
+            "words only, so scores of labels with a description may differ from evaluation's",
+            predictor.metadata.label_text,
+        )
     try:
         result = embed_words(labels, predictor.embeddings, storage)
     except OOVError as error:

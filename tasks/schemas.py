@@ -127,11 +127,17 @@ class LabelTable(pa.DataFrameModel):
 
 
 class Vocabulary(pa.DataFrameModel):
-    """The label set: each label, whether it is seen in training, and the words that embed it."""
+    """The label set: each label, whether it is seen in training, and the words that embed it.
+
+    ``description`` (optional) is more text about the label, as phrases separated by ``;`` (the
+    emoji's Unicode name and its family, a gloss): embedded only with ``embeddings.text:
+    label+description``.
+    """
 
     label: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
     seen: Series[bool]
     tokens: Series[str] = pa.Field(str_matches=r"\S")
+    description: Series[str] | None = pa.Field(nullable=True)
 
 
 class LabelEmbeddings(pa.DataFrameModel):

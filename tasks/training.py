@@ -410,6 +410,7 @@ def train_model(
         unseen_labels=data.unseen,
         embedding_source=source,
         embedding_dim=int(data.vectors.shape[1]),
+        label_text=inputs.embeddings.text,
         feature_key=inputs.features.key,
         features=inputs.features.identity,
     )

@@ -37,8 +37,9 @@ BOXES_FILE = "boxes.parquet"
 REJECTS_FILE = "rejects.parquet"
 MARKER_FILE = "dataset.json"
 IMAGES_DIR = "images"
-FINGERPRINT_FORMAT = 2
-"""Bumped when what the fingerprint covers changes (2: the versions of every file read), so
+FINGERPRINT_FORMAT = 3
+"""Bumped when what the fingerprint covers or what a prepared dataset holds changes (2: the
+versions of every file read; 3: vocabularies carry the label descriptions their source has), so
 datasets prepared under an older rule are rebuilt once instead of trusted."""
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import unicodedata
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -196,7 +197,8 @@ def label_vectors(labels: Sequence[str], source: SourceKind, storage: Storage) -
 
 
 def build_vocabulary(config: EmojiScenesConfig, storage: Storage) -> pd.DataFrame:
-    """The vocabulary table (label, seen, tokens) with the config's seen/unseen split."""
+    """The vocabulary table (label, seen, tokens, description) with the config's seen/unseen
+    split, made from the label words alone (descriptions never move the split)."""
     entries = select_labels(config.families)
     labels = [entry.label for entry in entries]
     seen = split_seen_unseen(
@@ -218,7 +220,16 @@ def build_vocabulary(config: EmojiScenesConfig, storage: Storage) -> pd.DataFram
         len({entry.family for entry in entries}),
         int((~seen).sum()),
     )
-    return pd.DataFrame({"label": labels, "seen": seen, "tokens": labels})
+    descriptions = [label_description(entry) for entry in entries]
+    return pd.DataFrame(
+        {"label": labels, "seen": seen, "tokens": labels, "description": descriptions}
+    )
+
+
+def label_description(entry: EmojiLabel) -> str:
+    """The emoji's Unicode name and its family, the text ``embeddings.text: label+description``
+    adds to the label word (e.g. ``tiger face; mammal``)."""
+    return f"{unicodedata.name(entry.glyph).lower()}; {entry.family.replace('_', ' ')}"
 
 
 # -- rendering ---------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ In CSV, label lists are one string separated by ``separator`` (default ``|``), e
 ``cat|sofa``, empty for none. In parquet they may be such strings or list columns.
 
 Vocabulary columns: ``label`` (required, unique), ``seen`` (required: true/false, 1/0,
-yes/no or seen/unseen) and ``tokens`` (optional: the words used to embed the label, default the
-label's own words).
+yes/no or seen/unseen), ``tokens`` (optional: the words used to embed the label, default the
+label's own words) and ``description`` (optional: more text about the label, phrases separated by
+``;``, embedded with ``embeddings.text: label+description``).
 """
 
 from __future__ import annotations
@@ -145,14 +146,14 @@ def parse_vocabulary(frame: pd.DataFrame, source: schemas.SourceFile) -> pd.Data
     if empty.any():
         raise DatasetError(f"vocabulary {url}: empty or null label at {_rows(source, empty)}")
     tokens = _text(frame["tokens"]) if "tokens" in frame.columns else labels.map(lambda _: "")
-    return pd.DataFrame(
-        {
-            "label": labels,
-            "seen": _parse_flags(frame["seen"], "seen", source).astype(bool),
-            "tokens": [tok or label_tokens(lab) for tok, lab in zip(tokens, labels, strict=True)],
-        },
-        index=frame.index,
-    )
+    columns = {
+        "label": labels,
+        "seen": _parse_flags(frame["seen"], "seen", source).astype(bool),
+        "tokens": [tok or label_tokens(lab) for tok, lab in zip(tokens, labels, strict=True)],
+    }
+    if "description" in frame.columns:
+        columns["description"] = _text(frame["description"])
+    return pd.DataFrame(columns, index=frame.index)
 
 
 def parse_label_table(

@@ -275,6 +275,46 @@ def test_results_are_cached_by_source_and_vocabulary(
         embed_labels(changed, config, storage)
 
 
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.sqrt((vector**2).sum())
+
+
+def test_label_and_description_text_averages_the_label_and_each_phrase(
+    storage: Storage, glove: dict[str, np.ndarray]
+) -> None:
+    vocab = vocabulary(["tiger", "cat"]).assign(
+        description=["tiger face; big cat of the jungle", None]
+    )
+    result = embed_labels(vocab, EmbeddingConfig(text="label+description"), storage)
+    assert result.text == "label+description"
+    tiger, cat = result.vectors(["tiger", "cat"])
+    parts = [
+        hand_embedding(glove, ["tiger"]),
+        hand_embedding(glove, ["tiger", "face"]),
+        hand_embedding(glove, ["big", "cat", "jungle"]),  # "of", "the" left out
+    ]
+    np.testing.assert_allclose(tiger, _unit(sum(parts) / 3), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(cat, hand_embedding(glove, ["cat"]), rtol=0, atol=1e-6)
+
+
+def test_label_text_ignores_descriptions_and_keeps_the_cache_key(storage: Storage) -> None:
+    vocab = vocabulary(["tiger", "cat"])
+    described = vocab.assign(description=["tiger face", "cat face"])
+    plain = embed_labels(described, EmbeddingConfig(), storage)
+    assert plain.url == cache_url(vocab, plain.source, storage)
+    np.testing.assert_array_equal(
+        plain.vectors(), embed_labels(vocab, EmbeddingConfig(cache=False), storage).vectors()
+    )
+    rich = cache_url(described, plain.source, storage, "label+description")
+    other = described.assign(description=["tiger stripes", "cat face"])
+    assert len({plain.url, rich, cache_url(other, plain.source, storage, "label+description")}) == 3
+
+
+def test_description_text_without_descriptions_names_the_column(storage: Storage) -> None:
+    with pytest.raises(ValueError, match="no description column"):
+        embed_labels(vocabulary(["cat"]), EmbeddingConfig(text="label+description"), storage)
+
+
 def test_cache_can_be_disabled(storage: Storage) -> None:
     result = embed_labels(vocabulary(["cat"]), EmbeddingConfig(cache=False), storage)
     assert result.url is None

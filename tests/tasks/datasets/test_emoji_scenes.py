@@ -115,6 +115,20 @@ def test_curated_vocabulary_is_clean(glove) -> None:
         assert unicodedata.name(entry.glyph, "")  # an assigned character, not a made-up code
 
 
+def test_descriptions_are_the_unicode_name_and_the_family(tmp_path: Path) -> None:
+    config = es.EmojiScenesConfig(families=["mammal", "fruit"])
+    vocabulary = es.build_vocabulary(config, Storage(StorageConfig(root=str(tmp_path))))
+    described = dict(zip(vocabulary["label"], vocabulary["description"], strict=True))
+    assert described["tiger"] == "tiger; mammal"  # U+1F405 TIGER
+    assert described["cat"] == "cat; mammal"
+    assert described["banana"] == "banana; fruit"
+    entries = {entry.label: entry for entry in emoji_labels()}
+    for label, text in described.items():
+        name, family = text.split("; ")
+        assert name == unicodedata.name(entries[label].glyph).lower()
+        assert family == entries[label].family.replace("_", " ")
+
+
 def test_every_glyph_renders_in_colour() -> None:
     entries = emoji_labels()
     glyphs = es.glyph_images(str(find_emoji_font()), tuple(e.glyph for e in entries))

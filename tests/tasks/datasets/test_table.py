@@ -49,6 +49,17 @@ def _write(
     )
 
 
+def test_a_description_column_is_kept_and_blank_cells_are_empty(
+    tmp_path: Path, storage: Storage
+) -> None:
+    described = (
+        "label,seen,description\ncat,1,small pet; feline\nsofa,1,\nhot_dog,0,food\nzebra,0,\n"
+    )
+    artifacts = prepare_table(_write(tmp_path, vocabulary=described), storage)
+    vocabulary = storage.read_parquet(artifacts.vocabulary_url)
+    assert vocabulary["description"].tolist() == ["small pet; feline", "", "food", ""]
+
+
 def test_csv_parses_to_expected_matrix(tmp_path: Path, storage: Storage) -> None:
     artifacts = prepare_table(_write(tmp_path), storage)
     labels = storage.read_parquet(artifacts.label_table_url)
