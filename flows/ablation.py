@@ -13,14 +13,14 @@ flow run as artifacts. Finished cells are reused on rerun.
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Mapping
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import publish_ablation_artifacts
-from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config
+from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, run_command
 from flows.full_pipeline import FLOW_NAME
 from flows.stages import prepare_inputs
 from tasks.ablation import ablation_markdown, run_ablation, summarise, write_ablation_report
@@ -83,15 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     overrides, cfg = checked_config(parser, args)
     if cfg is None:
         return 2
-    try:
-        result = ablation(config=args.config, overrides=overrides)
-    except Exception as exc:
-        print(f"error: the ablation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    return run_command(
+        lambda: ablation(config=args.config, overrides=overrides),
+        failure="the ablation failed",
+        show=print_ablation,
+    )
+
+
+def print_ablation(result: Mapping[str, Any]) -> None:
+    """The ablation table, then where its reports are."""
     print(result["markdown"])
     for name, url in result["reports"].items():
         print(f"{name}: {url}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -103,15 +103,25 @@ def checked_config(
     return overrides, config
 
 
-def run_command(run: Callable[[], Mapping[str, Any]], *, failure: str, title: str) -> int:
-    """Run a flow for an entry point and print its metrics table and summary (exit 0), or the
-    error that stopped it (exit 1)."""
+def run_command(
+    run: Callable[[], Mapping[str, Any]],
+    *,
+    failure: str,
+    title: str = "",
+    show: Callable[[Mapping[str, Any]], None] | None = None,
+) -> int:
+    """Run a flow for an entry point and print what it produced (exit 0): ``show(result)``,
+    by default its metrics table and summary under ``title``; or the error that stopped it
+    (exit 1)."""
     try:
         result = run()
     except Exception as exc:
         print(f"error: {failure}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print_run(result, title=title)
+    if show is None:
+        print_run(result, title=title)
+    else:
+        show(result)
     return 0
 
 

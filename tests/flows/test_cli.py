@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from rich.console import Console
 
 from flows.artifacts import metrics_rows, print_metrics
+from flows.cli import run_command
 from flows.full_pipeline import main as full_pipeline_main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ENTRY_POINTS = ["flows.full_pipeline", "flows.evaluate", "flows.deployments", "flows.watch"]
+ENTRY_POINTS = [
+    "flows.full_pipeline",
+    "flows.evaluate",
+    "flows.ablation",
+    "flows.deployments",
+    "flows.watch",
+]
 
 METRICS = {
     "LESA": {
@@ -156,3 +165,18 @@ def test_a_secret_given_with_set_is_refused_before_any_work(
     assert "storage.credentials_block" in captured.err
     assert secret not in captured.out + captured.err
     assert not (tmp_path / "s").exists()
+
+
+def test_run_command_shows_the_result_or_says_what_stopped_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shown: list[Mapping[str, Any]] = []
+    assert run_command(lambda: {"markdown": "| a |"}, failure="x", show=shown.append) == 0
+    assert shown == [{"markdown": "| a |"}]
+
+    def broken() -> Mapping[str, Any]:
+        raise ValueError("no shards")
+
+    assert run_command(broken, failure="the ablation failed", show=shown.append) == 1
+    assert "error: the ablation failed: ValueError: no shards" in capsys.readouterr().err
+    assert len(shown) == 1
