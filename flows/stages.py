@@ -20,7 +20,7 @@ def prepare_inputs(cfg: PipelineConfig, storage: Storage) -> StageInputs:
     """Dataset -> validated label table -> features -> label embeddings (each reused if done)."""
     dataset = prepare_dataset_task(cfg.dataset, storage)
     tables = load_tables_task(storage, dataset)
-    cfg.evaluation.check_ks(len(tables.unseen_labels), tables.name)
+    cfg.evaluation.check_ks(len(tables.unseen_labels), tables.name, len(tables.seen_labels))
     features = extract_features_task(
         tables.labels,
         dataset.images_prefix,

@@ -166,8 +166,11 @@ class GensimData(SourceKind):
         return _load_gensim(self.name)
 
 
-RELEASE_VECTORS = Path(__file__).resolve().parents[1].joinpath(
-    "reference", "lesa-release", "nus-wide-glove300-release.npz"
+RELEASE_VECTORS = (
+    Path(__file__)
+    .resolve()
+    .parents[1]
+    .joinpath("reference", "lesa-release", "nus-wide-glove300-release.npz")
 )
 """The authors' NUS-WIDE label vectors, shipped with the project (reference/lesa-release/)."""
 

@@ -60,20 +60,25 @@ class EvaluationConfig(StrictModel):
     seed: int = 0
     pointing_pairs: int = Field(default=5000, ge=0)
 
-    def check_ks(self, num_unseen: int, dataset: str) -> None:
-        """Fail unless every K can be scored: ZSL ranks only the unseen labels, so K must not
-        exceed their number (never clamped silently; checked as soon as the dataset is known).
+    def check_ks(self, num_unseen: int, dataset: str, num_seen: int | None = None) -> None:
+        """Fail unless every K can be scored: ZSL ranks only the unseen labels, and validation
+        (the F1@K training selects on) only the seen ones, so K must exceed neither count
+        (never clamped silently; checked as soon as the dataset is known).
 
         Raises:
-            ValueError: naming the setting, the dataset's unseen-label count and the fix.
+            ValueError: naming the setting, the dataset's label count and the fix.
         """
-        too_large = [k for k in self.ks if k > num_unseen]
-        if too_large:
-            raise ValueError(
-                f"evaluation.ks = {self.ks}: ZSL ranks only the {num_unseen} unseen labels of "
-                f"dataset {dataset}, so top-K needs K <= {num_unseen} ({too_large} too large); "
-                f"set evaluation.ks, e.g. --set 'evaluation.ks=[{num_unseen}]'"
-            )
+        counts = [("unseen", num_unseen, "ZSL ranks only")]
+        if num_seen is not None:
+            counts.append(("seen", num_seen, "validation ranks only"))
+        for kind, count, ranks in counts:
+            too_large = [k for k in self.ks if k > count]
+            if too_large:
+                raise ValueError(
+                    f"evaluation.ks = {self.ks}: {ranks} the {count} {kind} labels of dataset "
+                    f"{dataset}, so top-K needs K <= {count} ({too_large} too large); set "
+                    f"evaluation.ks, e.g. --set 'evaluation.ks=[{count}]'"
+                )
 
 
 class EvaluationResult(BaseModel):

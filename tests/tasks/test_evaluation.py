@@ -278,3 +278,12 @@ def test_pointing_game_uses_each_pairs_selected_attention(trained: tuple[Synthet
     assert result.pointing is not None
     assert result.pointing["pairs"] == len(rows)
     assert result.pointing["hit_rate"] == pytest.approx(np.mean(hits))
+
+
+def test_k_larger_than_the_seen_labels_fails_before_training() -> None:
+    config = EvaluationConfig(ks=[3, 5])
+    config.check_ks(num_unseen=5, dataset="mine", num_seen=5)
+    with pytest.raises(ValueError, match=r"validation ranks only the 4 seen labels.*\[5\] too"):
+        config.check_ks(num_unseen=10, dataset="mine", num_seen=4)
+    with pytest.raises(ValueError, match=r"ZSL ranks only the 2 unseen labels of dataset mine"):
+        config.check_ks(num_unseen=2, dataset="mine", num_seen=100)
