@@ -6,8 +6,9 @@ no known token are out of vocabulary (OOV): they are reported and, per config, f
 are dropped with a warning. Word vectors come from gensim ``KeyedVectors``, loaded from a
 :data:`EmbeddingSource`: the offline GloVe 6B/50-d package by default, a GloVe text file, or a
 gensim-data model. Results are cached in storage under
-``embeddings/<source-slug>-<hash>.parquet``, keyed by the source and the vocabulary's labels and
-tokens, so a rerun never reloads the word vectors.
+``embeddings/<source-slug>-<hash>.parquet``, keyed by the source, the content versions of its
+vector files and the vocabulary's labels and tokens, so a rerun never reloads the word vectors
+and a vector file edited in place is read again.
 
 A source is a mapping with a ``kind`` (``embeddings.source: {kind: glove-file, url: ...}``), one
 class per kind: a new kind is one more subclass of :class:`SourceKind` (its fields, ``load`` and,
@@ -39,6 +40,7 @@ from tasks.hashing import content_hash
 from tasks.retries import retrying_task
 from tasks.schemas import LabelEmbeddings, Vocabulary, validate
 from tasks.storage import Storage
+from tasks.versions import file_versions
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +214,10 @@ class NusWideRelease(SourceKind):
         fields = {"vectors": self.vectors, "metadata": self.metadata}
         return {key: value for key, value in fields.items() if value}
 
+    def vector_files(self) -> list[str]:
+        """The vector file (the names come from the metadata, which the dataset versions)."""
+        return [self.vectors or str(RELEASE_VECTORS)]
+
 
 def _release_keyed_vectors(
     storage: Storage, url: str, tags: Sequence[str], concepts: Sequence[str]
@@ -331,11 +337,14 @@ def tokenize_label(label: str) -> list[str]:
 
 
 def load_keyed_vectors(source: SourceKind, storage: Storage | None = None) -> KeyedVectors:
-    """Word vectors of ``source``, loaded once per process (per value of all its fields)."""
-    key = source.model_dump_json()
+    """Word vectors of ``source``, loaded once per process (per value of all its fields and
+    version of its vector files)."""
+    storage = storage or Storage()
+    versions = file_versions(storage, source.vector_files())
+    key = content_hash([source.model_dump(mode="json"), versions])
     with _load_lock:
         if key not in _loaded:
-            _loaded[key] = source.load(storage or Storage())
+            _loaded[key] = source.load(storage)
         return _loaded[key]
 
 
@@ -430,11 +439,13 @@ def _load_gensim(name: str) -> KeyedVectors:
 def cache_url(
     vocabulary: pd.DataFrame, source: SourceKind, storage: Storage, text: LabelText = "label"
 ) -> str:
-    """Where the embeddings of ``vocabulary`` from ``source`` are cached in ``storage``."""
+    """Where the embeddings of ``vocabulary`` from ``source`` are cached in ``storage``: keyed
+    by the content versions of the vector files too, so a file edited in place is re-read."""
     labels, tokens = _label_tokens(vocabulary)
     key: dict[str, Any] = {
         "format": _CACHE_FORMAT,
         "source": source.identity,
+        "vector_files": file_versions(storage, source.vector_files()),
         "labels": labels,
         "tokens": tokens,
     }

@@ -351,6 +351,18 @@ def test_glove_text_file_source(tmp_path: Path, storage: Storage) -> None:
     assert "/embeddings/glove-file-tiny-glove-txt-" in result.url
 
 
+def test_a_glove_file_edited_in_place_is_read_again(tmp_path: Path, storage: Storage) -> None:
+    path = tmp_path / "tiny-glove.txt"
+    _write_glove_text(path)
+    config = EmbeddingConfig(source={"kind": "glove-file", "url": str(path)})
+    first = embed_labels(vocabulary(["Hot dog"]), config, storage)
+    assert embed_labels(vocabulary(["Hot dog"]), config, storage).cached
+    path.write_text("hot 1 0 0 0\ndog 0 1 0 0\n")
+    second = embed_labels(vocabulary(["Hot dog"]), config, storage)
+    assert not second.cached and second.url != first.url
+    np.testing.assert_allclose(second.vectors()[0], [2**-0.5, 2**-0.5, 0, 0], atol=1e-6)
+
+
 @pytest.mark.slow
 def test_glove_text_file_on_s3(tmp_path: Path, s3_storage: Storage) -> None:
     storage = s3_storage
