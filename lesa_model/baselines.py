@@ -23,7 +23,8 @@ Both are chosen with :func:`lesa_model.selection.selection_value`, the rule that
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,7 @@ def tune_mean_pool(
     checkpoint_root: str | Path,
     ks: Sequence[int] = (),
     metadata: dict[str, Any] | None = None,
+    progress: Callable[[MeanPoolCandidate, dict[str, float]], None] | None = None,
 ) -> MeanPoolFit:
     """Train the mean-pool baseline for every candidate and keep the best on validation.
 
@@ -225,7 +227,8 @@ def tune_mean_pool(
     best selection value wins (the later on ties). Checkpoints go to
     ``checkpoint_root/<candidate>/``; the winner's model is returned loaded from its best (or,
     without validation, final) checkpoint, ready to score full region features. ``metadata``
-    goes into every checkpoint, with the candidate's name.
+    goes into every checkpoint, with the candidate's name. ``progress(candidate, record)``
+    receives each candidate's trainer history records (the grid trains for minutes).
     """
     if not candidates:
         raise ValueError("tune_mean_pool needs at least one candidate")
@@ -251,6 +254,7 @@ def tune_mean_pool(
             loss_cfg.model_copy(update={"l2": l2}),
             Path(checkpoint_root) / candidate.name,
             metadata={**(metadata or {}), "candidate": candidate.name},
+            progress=None if progress is None else functools.partial(progress, candidate),
             val_ks=ks,
         )
         result = trainer.fit(train_source, val_source)

@@ -20,7 +20,7 @@ The trained baselines live under ``runs/<run>/baselines/<name>/checkpoints/`` (`
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +32,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat
 from lesa_common import StrictModel
 from lesa_model.baselines import (
     EszslFit,
+    MeanPoolCandidate,
     mean_pool_grid,
     pool_regions,
     tune_eszsl,
@@ -44,7 +45,13 @@ from tasks.hashing import content_hash
 from tasks.retries import retrying_task
 from tasks.stage_inputs import StageInputs
 from tasks.storage import Storage
-from tasks.training import RECORD_FILE, TrainingData, training_data, training_key
+from tasks.training import (
+    RECORD_FILE,
+    TrainingData,
+    TrainingProgress,
+    training_data,
+    training_key,
+)
 
 BaselineName = Literal["mean-pool", "eszsl", "random"]
 TRAINED_BASELINES: tuple[BaselineName, ...] = ("mean-pool", "eszsl")
@@ -170,6 +177,7 @@ def train_mean_pool(
             checkpoint_root=workdir,
             ks=val_ks,
             metadata=run.metadata("mean-pool", key).model_dump(mode="json"),
+            progress=candidate_progress(f"training {run_name} mean-pool"),
         )
         result = fit.result
         storage.upload_file(result.best_checkpoint or result.final_checkpoint, urls["best"])
@@ -185,6 +193,21 @@ def train_mean_pool(
         },
     )
     return urls
+
+
+def candidate_progress(
+    description: str,
+) -> Callable[[MeanPoolCandidate, dict[str, float]], None]:
+    """Progress of a tuning grid on the Prefect run: one bar and log line per candidate."""
+    bars: dict[str, TrainingProgress] = {}
+
+    def report(candidate: MeanPoolCandidate, record: dict[str, float]) -> None:
+        if candidate.name not in bars:
+            bars[candidate.name] = TrainingProgress(f"{description} {candidate.name}")
+            bars[candidate.name].total = candidate.steps
+        bars[candidate.name](record)
+
+    return report
 
 
 def fit_eszsl_baseline(

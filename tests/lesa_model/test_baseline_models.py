@@ -173,6 +173,7 @@ def test_tune_mean_pool_keeps_the_candidate_with_the_best_selection_value(
     vectors = rng.standard_normal((6, 5)).astype(np.float32)
     cfg = TrainerConfig(steps=10, batch_size=16, val_every=5, log_every=5, select="mAP")
     candidates = mean_pool_grid([1e-3, 1e-2], [10], [0.0, 0.1])
+    reported: list[tuple[str, float]] = []
     fit = tune_mean_pool(
         pool_regions(TensorBatchSource(*train)),
         pool_regions(TensorBatchSource(*val)),
@@ -182,8 +183,12 @@ def test_tune_mean_pool_keeps_the_candidate_with_the_best_selection_value(
         trainer_cfg=cfg,
         candidates=candidates,
         checkpoint_root=tmp_path,
+        progress=lambda candidate, record: reported.append((candidate.name, record["step"])),
     )
     assert list(fit.trials) == [c.name for c in candidates]
+    # every candidate reports its log and validation steps (5 and 10), in grid order
+    assert list(dict.fromkeys(name for name, _ in reported)) == list(fit.trials)
+    assert {step for name, step in reported if name == candidates[0].name} == {5, 10}
     assert fit.trials[fit.candidate.name] == max(fit.trials.values())
     assert fit.result.best_metric == fit.trials[fit.candidate.name]
     # the chosen model scores full region features with its validation mAP
