@@ -8,7 +8,7 @@ is opt-in.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -77,6 +77,30 @@ class LossConfig(StrictModel):
                 "rel_margin exists only in the release's rel term (normalisation: release)"
             )
         return self
+
+
+class ReaderConfig(StrictModel):
+    """How training batches are fed (``tasks.feature_reader.FeatureBatches``; docs/ARCHITECTURE.md,
+    "Training input").
+
+    ``mode`` only changes speed and memory, never the batches: ``memory`` loads the training
+    features once (in their stored dtype) and gathers every batch from memory; ``stream`` reads
+    them from the shards window by window in a background thread; ``auto`` loads them when they
+    fit ``memory_budget_gb`` (None: half of the host memory available when training starts) and
+    streams otherwise. On CUDA, loaded features move to the device when they take at most half
+    of its free memory, so batches are gathered there. ``window_chunks`` changes the shuffle
+    (hence the weights): an epoch permutes every stored chunk of the training images, then
+    shuffles rows within each run of ``window_chunks`` consecutive chunks of that permutation.
+    ``prefetch`` is the number of windows (streaming) or batches (device feed) read ahead.
+    """
+
+    mode: Literal["auto", "memory", "stream"] = "auto"
+    memory_budget_gb: float | None = Field(default=None, gt=0)
+    window_chunks: PositiveInt = 64
+    prefetch: PositiveInt = 2
+
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"mode", "memory_budget_gb", "prefetch"})
+    """The fields that change speed and memory but not one batch."""
 
 
 SEEN_METRIC = r"^(mAP|F1@[1-9][0-9]*)$"
@@ -155,6 +179,7 @@ class TrainerConfig(StrictModel):
         default=3, description="How many step-*.pt files to keep (best.pt and final.pt are kept)."
     )
     log_every: PositiveInt = 100
+    reader: ReaderConfig = Field(default_factory=ReaderConfig)
 
     @model_validator(mode="after")
     def _mix_needs_held_out_labels(self) -> TrainerConfig:
@@ -163,6 +188,11 @@ class TrainerConfig(StrictModel):
                 "select: mix weighs the pseudo-unseen mAP, so it needs holdout_share > 0"
             )
         return self
+
+    def weights_identity(self) -> dict[str, object]:
+        """Every setting that changes the trained weights (what a training key hashes): all of
+        them but the reader's speed-only ones."""
+        return self.model_dump(mode="json", exclude={"reader": set(ReaderConfig.SPEED_ONLY)})
 
     @property
     def select_k(self) -> int | None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lesa_model.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from lesa_model.config import LossConfig, TrainerConfig
-from lesa_model.data import BatchSource, batch_count
+from lesa_model.data import BatchSource, DeviceFeed, batch_count
 from lesa_model.inference import score_with_labels
 from lesa_model.losses import LossTerms, lesa_loss
 from lesa_model.model import LESA, LesaOutput
@@ -175,6 +175,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self._window: dict[str, float | torch.Tensor] = dict.fromkeys(LOSS_KEYS, 0.0)
         self._window_steps = 0
+        self._checked = False
 
     # ----- checkpoints -------------------------------------------------------------------------
 
@@ -370,6 +371,37 @@ class Trainer:
         else:
             torch.manual_seed(self.cfg.seed)
 
+    def _run_epoch(
+        self, train: BatchSource, val: BatchSource | None, total: int, bar: tqdm
+    ) -> None:
+        """Train on the rest of the current epoch (from ``batch_in_epoch``), or up to ``total``.
+
+        The epoch's batches come through a :class:`DeviceFeed` (staged in a background thread,
+        copied asynchronously); the only host syncs are the logging and validation steps'.
+        """
+        batches = train.batches(
+            self.cfg.batch_size, shuffle=self.cfg.shuffle, seed=self.cfg.seed, epoch=self.epoch
+        )
+        feed = DeviceFeed(
+            batches, self.device, skip=self.batch_in_epoch, depth=self.cfg.reader.prefetch
+        )
+        with feed:
+            for index, features, labels in feed:
+                if not self._checked:
+                    self.model.check_inputs(as_float_features(features, self.device))
+                    self._checked = True
+                terms = self.train_step(features, labels)
+                self.step += 1
+                self.batch_in_epoch = index + 1
+                self._after_step(terms, val, total)
+                bar.update(1)
+                if self.history and self.history[-1]["step"] == self.step:
+                    bar.set_postfix(loss=f"{self.history[-1].get('loss', float('nan')):.4g}")
+                if self.step >= total:
+                    return
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
     def fit(
         self, train: BatchSource, val: BatchSource | None = None, *, resume: bool = True
     ) -> TrainResult:
@@ -382,6 +414,10 @@ class Trainer:
         """
         if train.num_images < 1:
             raise ValueError("the training source holds no images")
+        place = getattr(train, "place_on", None)
+        if place is not None:
+            place(self.device)
+        self._checked = False
         if self.holdout.size:
             train = HoldoutBatches(train, self.holdout)
         self._start(resume)
@@ -389,31 +425,9 @@ class Trainer:
         bar = tqdm(
             total=total, initial=min(self.step, total), desc="training", unit="step", disable=None
         )
-        checked = False
         try:
             while self.step < total:
-                batches = train.batches(
-                    self.cfg.batch_size, shuffle=self.cfg.shuffle, seed=self.cfg.seed,
-                    epoch=self.epoch,
-                )  # fmt: skip
-                for index, (features, labels) in enumerate(batches):
-                    if index < self.batch_in_epoch:
-                        continue
-                    if not checked:
-                        self.model.check_inputs(as_float_features(features, self.device))
-                        checked = True
-                    terms = self.train_step(features, labels)
-                    self.step += 1
-                    self.batch_in_epoch = index + 1
-                    self._after_step(terms, val, total)
-                    bar.update(1)
-                    if self.history and self.history[-1]["step"] == self.step:
-                        bar.set_postfix(loss=f"{self.history[-1].get('loss', float('nan')):.4g}")
-                    if self.step >= total:
-                        break
-                else:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
+                self._run_epoch(train, val, total, bar)
         finally:
             bar.close()
         final = save_checkpoint(self.checkpoint_dir / "final.pt", self.state())

@@ -8,19 +8,25 @@ size, shape, dtype or id count differs from its manifest row is an error, never 
 would cost minutes each time training opens it.)
 
 Memory stays bounded: :class:`FeatureStore` reads only the rows asked for, and
-:class:`FeatureBatches` holds at most ``buffer_shards`` shards' worth of selected rows while it
-shuffles, so a 50 GB feature set trains on a laptop.
+:class:`FeatureBatches` either loads the training features once, when they fit the reader's
+memory budget, or streams them a few shuffle windows at a time, so a 50 GB feature set trains
+on a laptop (docs/ARCHITECTURE.md, "Training input").
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import h5py
 import numpy as np
 import pandas as pd
+import psutil
+import torch
 
+from lesa_model.config import ReaderConfig
+from lesa_model.data import Prefetch, WindowedOrder, windowed_order
 from tasks import schemas
 from tasks.feature_shards import (
     FEATURES_DATASET,
@@ -30,8 +36,11 @@ from tasks.feature_shards import (
 )
 from tasks.storage import Storage
 
-MAX_OPEN_SHARDS = 8
-"""Open HDF5 handles kept per store (each holds a small metadata cache, not the data)."""
+MAX_OPEN_SHARDS = 64
+"""Open HDF5 handles kept per store (each holds a small metadata cache, not the data); a
+shuffle window touches up to ``window_chunks`` shards."""
+BLOCK_STRIDE = 1 << 32
+"""Block id = shard index x BLOCK_STRIDE + chunk number within the shard."""
 
 
 class FeatureStore:
@@ -59,6 +68,7 @@ class FeatureStore:
                     f"{manifest_url} mixes shards with different {column}: {sorted(values)}"
                 )
         self._open: OrderedDict[int, h5py.File] = OrderedDict()
+        self._lock = threading.RLock()  # a reader's prefetch thread shares the open handles
         self._index: pd.DataFrame | None = None
 
     def __enter__(self) -> FeatureStore:
@@ -69,14 +79,20 @@ class FeatureStore:
 
     def close(self) -> None:
         """Close every open shard file."""
-        while self._open:
-            _, handle = self._open.popitem()
-            handle.close()
+        with self._lock:
+            while self._open:
+                _, handle = self._open.popitem()
+                handle.close()
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # -- description ---------------------------------------------------------------------------
 
@@ -113,7 +129,8 @@ class FeatureStore:
     @property
     def grid(self) -> tuple[int, int]:
         """Region grid (h, w), from the first shard's attributes."""
-        h, w = self._handle(int(self._single("shard_index"))).attrs["grid"]
+        with self._lock:
+            h, w = self._handle(int(self._single("shard_index"))).attrs["grid"]
         return int(h), int(w)
 
     @property
@@ -153,7 +170,8 @@ class FeatureStore:
 
     def _shard_ids(self, shard_index: int) -> list[str]:
         """The ids stored in one shard (its row count is checked when the shard is opened)."""
-        return list(self._handle(shard_index)[IMAGE_IDS_DATASET].asstr()[:])
+        with self._lock:
+            return list(self._handle(shard_index)[IMAGE_IDS_DATASET].asstr()[:])
 
     def locate(self, image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(shard index, row) of each id; unknown ids raise, naming a few of them."""
@@ -170,7 +188,12 @@ class FeatureStore:
     # -- reading -------------------------------------------------------------------------------
 
     def _handle(self, shard_index: int) -> h5py.File:
-        """An open shard file, checked against the manifest on first open."""
+        """An open shard file, checked against the manifest on first open (callers hold the
+        lock while they use it: another thread's open may close the oldest handle)."""
+        with self._lock:
+            return self._open_handle(shard_index)
+
+    def _open_handle(self, shard_index: int) -> h5py.File:
         if shard_index in self._open:
             self._open.move_to_end(shard_index)
             return self._open[shard_index]
@@ -202,16 +225,28 @@ class FeatureStore:
 
     def read_rows(self, shard_index: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Features of ``rows`` (any order, repeats allowed) of one shard; all rows if None."""
-        dataset = self._handle(shard_index)[FEATURES_DATASET]
-        if rows is None:
-            return dataset[:]
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) == 0:
-            return np.empty((0, *dataset.shape[1:]), dtype=dataset.dtype)
-        if len(rows) * 4 >= dataset.shape[0]:
-            return dataset[:][rows]
-        unique, inverse = np.unique(rows, return_inverse=True)
-        return dataset[unique][inverse]
+        with self._lock:
+            dataset = self._handle(shard_index)[FEATURES_DATASET]
+            if rows is None:
+                return dataset[:]
+            rows = np.asarray(rows, dtype=np.int64)
+            if len(rows) == 0:
+                return np.empty((0, *dataset.shape[1:]), dtype=dataset.dtype)
+            if len(rows) * 4 >= dataset.shape[0]:
+                return dataset[:][rows]
+            unique, inverse = np.unique(rows, return_inverse=True)
+            return dataset[unique][inverse]
+
+    def chunk_rows(self, shard_index: int) -> int:
+        """Rows per stored chunk of one shard's features (all rows when it is not chunked)."""
+        with self._lock:
+            dataset = self._handle(shard_index)[FEATURES_DATASET]
+            return int(dataset.chunks[0]) if dataset.chunks else max(int(dataset.shape[0]), 1)
+
+    def read_slice(self, shard_index: int, start: int, stop: int) -> np.ndarray:
+        """Features of rows ``start:stop`` of one shard (a contiguous, chunk-aligned read)."""
+        with self._lock:
+            return self._handle(shard_index)[FEATURES_DATASET][start:stop]
 
     def read(self, image_ids: Sequence[str]) -> np.ndarray:
         """Features (N, R, D) of ``image_ids`` in the given order, in the stored dtype."""
@@ -226,11 +261,22 @@ class FeatureStore:
 class FeatureBatches:
     """A ``lesa_model.data.BatchSource`` over HDF5 shards: (features, labels) batches.
 
-    Shuffled batches mix images across shards while holding at most ``buffer_shards`` shards of
-    selected rows in memory: the shard order is shuffled, then each group of ``buffer_shards``
-    shards is loaded and shuffled as a whole (rows left over from a group carry into the next so
-    every batch but the last is full). The same ``(seed, epoch)`` gives the same batches.
-    Unshuffled batches follow ``image_ids`` order, for evaluation.
+    Features come in their stored dtype (float16 on the wire; the trainer widens them on the
+    device). The order of an epoch is :func:`lesa_model.data.windowed_order` over the stored
+    chunks of these images (block = one HDF5 chunk of one shard; window =
+    ``reader.window_chunks`` chunks): a permutation of every chunk of every shard, rows shuffled
+    within each window. Both modes replay that one order, so they give identical batches:
+
+    - ``memory``: the features are read once (chunk by chunk) into one array and each batch is
+      gathered from it (on the device after :meth:`place_on` moved it there);
+    - ``stream``: a background thread reads the next ``reader.prefetch`` windows (whole chunks,
+      then the rows of these images) while batches are cut from the current one; memory holds
+      a few windows, whatever the number of shards.
+
+    ``auto`` picks ``memory`` when the features fit ``reader.memory_budget_gb`` (None: half of
+    the host memory available when the first epoch starts). Without a ``reader`` the source
+    streams (evaluation reads it once). Inputs are checked here, once: labels, ids, each shard
+    against its manifest row.
     """
 
     def __init__(
@@ -239,7 +285,7 @@ class FeatureBatches:
         image_ids: Sequence[str],
         labels: np.ndarray,
         *,
-        buffer_shards: int = 4,
+        reader: ReaderConfig | None = None,
     ) -> None:
         ids = list(image_ids)
         labels = np.asarray(labels)
@@ -253,62 +299,128 @@ class FeatureBatches:
             raise ValueError("labels must only hold 1 (positive), -1 (negative) or 0 (unknown)")
         if len(set(ids)) != len(ids):
             raise ValueError("image_ids must be unique")
-        if buffer_shards < 1:
-            raise ValueError(f"buffer_shards must be >= 1, got {buffer_shards}")
         self.store = store
         self.image_ids = ids
         self.labels = labels
-        self.buffer_shards = buffer_shards
+        self.reader = reader or ReaderConfig(mode="stream")
         self._shards, self._rows = store.locate(ids)
+        self._blocks = self._shards * BLOCK_STRIDE + self._rows // self._chunk_rows()
+        self._memory: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor] | None = None
+        self._mode: str | None = None
+
+    def _chunk_rows(self) -> np.ndarray:
+        """Rows per stored chunk of each image's shard (the unit a read decodes)."""
+        per_shard = {
+            int(shard): self.store.chunk_rows(int(shard)) for shard in np.unique(self._shards)
+        }
+        return np.array([per_shard[int(s)] for s in self._shards], dtype=np.int64).reshape(-1)
 
     @property
     def num_images(self) -> int:
         """Number of images this source yields per epoch."""
         return len(self.image_ids)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of these images' features in the stored dtype (what ``memory`` mode holds)."""
+        return self.num_images * self.store.regions * self.store.dim * self.store.dtype.itemsize
+
+    @property
+    def mode(self) -> str:
+        """``memory`` or ``stream``: the reader's mode, ``auto`` resolved by the budget once."""
+        if self._mode is None:
+            budget = self.reader.memory_budget_gb
+            limit = budget * 1e9 if budget is not None else psutil.virtual_memory().available / 2
+            auto = "memory" if self.nbytes <= limit else "stream"
+            self._mode = auto if self.reader.mode == "auto" else self.reader.mode
+        return self._mode
+
+    def place_on(self, device: torch.device) -> None:
+        """In ``memory`` mode on CUDA, load the features onto the device when they take at most
+        half of its free memory, so batches are gathered there (no host copy per step)."""
+        if device.type != "cuda" or self.mode != "memory":
+            return
+        free, _ = torch.cuda.mem_get_info(device)
+        if self.nbytes <= free / 2:
+            features, labels = self._loaded()
+            self._memory = (
+                torch.as_tensor(features).to(device),
+                torch.as_tensor(labels).to(device),
+            )
+
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(features float32 (B, R, D), labels int8 (B, C))`` covering every image once."""
+    ) -> Iterator[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]:
+        """Yield ``(features (B, R, D) stored dtype, labels int8 (B, C))``, every image once."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if shuffle:
-            yield from self._shuffled(batch_size, np.random.default_rng([seed, epoch]))
-        else:
-            yield from self._ordered(batch_size)
+        plan = windowed_order(
+            self._blocks, self.reader.window_chunks, shuffle=shuffle, seed=seed, epoch=epoch
+        )
+        if self.mode == "memory":
+            return self._from_memory(plan.order, batch_size)
+        return self._streamed(plan, batch_size)
 
-    def _ordered(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for start in range(0, self.num_images, batch_size):
-            positions = np.arange(start, min(start + batch_size, self.num_images))
-            yield self._gather(positions), self.labels[positions]
+    # -- memory mode ---------------------------------------------------------------------------
 
-    def _gather(self, positions: np.ndarray) -> np.ndarray:
-        out = np.empty((len(positions), self.store.regions, self.store.dim), dtype=np.float32)
-        shards = self._shards[positions]
-        for shard in np.unique(shards):
-            where = np.flatnonzero(shards == shard)
-            out[where] = self.store.read_rows(int(shard), self._rows[positions[where]])
+    def _loaded(self) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
+        """Every image's features, in position order, read once (one pass over the chunks)."""
+        if self._memory is None:
+            plan = windowed_order(self._blocks, self.reader.window_chunks, shuffle=False)
+            features = np.empty(
+                (self.num_images, self.store.regions, self.store.dim), dtype=self.store.dtype
+            )
+            for positions in plan.windows():
+                features[positions] = self._read_window(positions)
+            self._memory = (features, self.labels)
+        return self._memory
+
+    def _from_memory(
+        self, order: np.ndarray, batch_size: int
+    ) -> Iterator[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]:
+        features, labels = self._loaded()
+        if isinstance(features, torch.Tensor):
+            index = torch.from_numpy(order).to(features.device)
+            for start in range(0, len(order), batch_size):
+                take = index[start : start + batch_size]
+                yield features.index_select(0, take), labels.index_select(0, take)
+            return
+        for start in range(0, len(order), batch_size):
+            take = order[start : start + batch_size]
+            yield features[take], labels[take]
+
+    # -- stream mode ---------------------------------------------------------------------------
+
+    def _read_window(self, positions: np.ndarray) -> np.ndarray:
+        """Features of ``positions`` (in that order), reading each chunk they touch once."""
+        out = np.empty((len(positions), self.store.regions, self.store.dim), self.store.dtype)
+        blocks = self._blocks[positions]
+        for block in np.unique(blocks):
+            where = np.flatnonzero(blocks == block)
+            shard = int(block // BLOCK_STRIDE)
+            rows = self._rows[positions[where]]
+            chunk = self.store.chunk_rows(shard)
+            first = int(rows.min()) // chunk * chunk
+            values = self.store.read_slice(shard, first, first + chunk)
+            out[where] = values[rows - first]
         return out
 
-    def _shuffled(
-        self, batch_size: int, rng: np.random.Generator
+    def _streamed(
+        self, plan: WindowedOrder, batch_size: int
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        shard_order = rng.permutation(np.unique(self._shards))
-        carry_features = np.empty((0, self.store.regions, self.store.dim), dtype=np.float32)
-        carry_positions = np.empty(0, dtype=np.int64)
-        for start in range(0, len(shard_order), self.buffer_shards):
-            group = shard_order[start : start + self.buffer_shards]
-            positions = np.concatenate([np.flatnonzero(self._shards == s) for s in group])
-            features = np.concatenate(
-                [carry_features, self._gather(positions)], axis=0, dtype=np.float32
-            )
-            positions = np.concatenate([carry_positions, positions])
-            order = rng.permutation(len(positions))
-            full = len(order) - len(order) % batch_size
-            for begin in range(0, full, batch_size):
-                take = order[begin : begin + batch_size]
-                yield features[take], self.labels[positions[take]]
-            carry_features = features[order[full:]]
-            carry_positions = positions[order[full:]]
-        if len(carry_positions):
-            yield carry_features, self.labels[carry_positions]
+        def windows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for positions in plan.windows():
+                yield self._read_window(positions), self.labels[positions]
+
+        carry: tuple[np.ndarray, np.ndarray] | None = None
+        with Prefetch(windows, self.reader.prefetch, name="feature-windows") as loaded:
+            for features, labels in loaded:
+                if carry is not None:
+                    features = np.concatenate([carry[0], features])
+                    labels = np.concatenate([carry[1], labels])
+                full = len(features) - len(features) % batch_size
+                for start in range(0, full, batch_size):
+                    yield features[start : start + batch_size], labels[start : start + batch_size]
+                carry = (features[full:], labels[full:]) if full < len(features) else None
+        if carry is not None:
+            yield carry

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 from prefect.cache_policies import NO_CACHE
 
+from lesa_model.config import ReaderConfig
 from tasks import schemas
 from tasks.datasets import DatasetArtifacts
 from tasks.datasets.base import check_usable
@@ -109,13 +110,19 @@ class StageInputs:
 
 
 def split_source(
-    tables: DatasetTables, store: FeatureStore, split: str, labels: Sequence[str]
+    tables: DatasetTables,
+    store: FeatureStore,
+    split: str,
+    labels: Sequence[str],
+    reader: ReaderConfig | None = None,
 ) -> FeatureBatches | None:
     """Batches of one split's images that have features (rejected images are skipped), with
-    their annotations of ``labels``; None when no image of the split has features."""
+    their annotations of ``labels``, read as ``reader`` says (None: streamed); None when no
+    image of the split has features."""
     rows = tables.split(split)
     rows = rows[rows["image_id"].isin(store.index.index)]
     if rows.empty:
         return None
     matrix = schemas.label_matrix(rows, labels)
-    return FeatureBatches(store, rows["image_id"].astype(str).tolist(), matrix)
+    ids = rows["image_id"].astype(str).tolist()
+    return FeatureBatches(store, ids, matrix, reader=reader)

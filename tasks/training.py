@@ -29,7 +29,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
-from lesa_model.config import LossConfig, ModelConfig, TrainerConfig
+from lesa_model.config import LossConfig, ModelConfig, ReaderConfig, TrainerConfig
 from lesa_model.model import LESA
 from lesa_model.trainer import Trainer, TrainResult
 from tasks.checkpoints import CHECKPOINTS_DIR, CheckpointMetadata, run_prefix
@@ -102,13 +102,16 @@ class TrainingData:
     val: FeatureBatches | None
 
 
-def training_data(inputs: StageInputs, storage: Storage) -> TrainingData:
-    """Seen labels with vectors, and the train and val images that have features."""
+def training_data(
+    inputs: StageInputs, storage: Storage, reader: ReaderConfig | None = None
+) -> TrainingData:
+    """Seen labels with vectors, and the train and val images that have features (the train
+    images read as ``reader`` says; the val images, read in order, stream)."""
     seen = inputs.seen_labels
     if not seen:
         raise ValueError("no seen label has a word vector: nothing to train on")
     store = inputs.feature_store(storage)
-    train = split_source(inputs.tables, store, "train", seen)
+    train = split_source(inputs.tables, store, "train", seen, reader)
     if train is None:
         raise ValueError(f"dataset {inputs.tables.name}: no train image has features")
     val = split_source(inputs.tables, store, "val", seen)
@@ -137,7 +140,7 @@ def training_key(
     parts = [
         model,
         loss,
-        trainer,
+        trainer.weights_identity(),
         features_key,
         source.identity,
         list(data.seen),
@@ -391,7 +394,7 @@ def train_model(
     """
     prefix = f"{run_prefix(storage, run_name)}/{CHECKPOINTS_DIR}"
     record_url = f"{prefix}/{RECORD_FILE}"
-    data = training_data(inputs, storage)
+    data = training_data(inputs, storage, trainer.reader)
     source = inputs.embeddings.source
     key = training_key(model, loss, trainer, inputs.features.key, source, data)
     record = storage.read_json(record_url) if storage.exists(record_url) else None
