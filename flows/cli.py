@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from flows.artifacts import print_run
-from flows.temporary_api import TemporaryAPIError, start_temporary_api
 from tasks.config import (
     ConfigError,
     PipelineConfig,
@@ -95,6 +94,8 @@ def checked_config(
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return overrides, None
+    from flows.temporary_api import TemporaryAPIError, start_temporary_api  # Prefect's server: 10 s
+
     try:
         start_temporary_api()
     except TemporaryAPIError as exc:
