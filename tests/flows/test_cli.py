@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,6 +45,24 @@ def test_help_explains_the_command(module: str, capsys: pytest.CaptureFixture[st
     assert f"python -m {module}" in out
     assert "--config" in out
     assert "--set" in out
+
+
+def test_help_leaves_prefects_server_unimported() -> None:
+    """Prefect's server module (about 10 s of imports) loads only when a flow starts the
+    temporary API, not for --help or a rejected config; one fresh interpreter imports every
+    entry point and answers each --help."""
+    entry_points = [*ENTRY_POINTS, "flows.predict", "flows.ablation"]
+    script = (
+        "import contextlib, importlib, io, sys\n"
+        f"for name in {entry_points!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        importlib.import_module(name).main(['--help'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('prefect.server')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
