@@ -33,6 +33,7 @@ import torch
 from _feature_set import FeatureSet, write_feature_set
 
 from lesa_model.config import ModelConfig, ReaderConfig, TrainerConfig
+from lesa_model.data import DeviceFeed
 from lesa_model.model import LESA
 from lesa_model.trainer import Trainer
 from tasks.feature_reader import FeatureBatches, FeatureStore
@@ -91,6 +92,20 @@ def fit_rate(args: argparse.Namespace, source: FeatureBatches, folder: Path) -> 
     return args.steps * args.batch / (time.perf_counter() - start)
 
 
+def reader_rate(args: argparse.Namespace, source: FeatureBatches) -> tuple[float, float]:
+    """(img/s, CPU s per image) of one shuffled epoch through the reader and the device feed
+    alone, no model: what the input pipeline itself costs."""
+    device = torch.device(args.device)
+    start, cpu = time.perf_counter(), time.process_time()
+    batches = source.batches(args.batch, shuffle=True, seed=0, epoch=0)
+    with DeviceFeed(batches, device, depth=2) as feed:
+        for _ in feed:
+            pass
+    _sync(args.device)
+    elapsed, used = time.perf_counter() - start, time.process_time() - cpu
+    return source.num_images / elapsed, used / source.num_images
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -98,7 +113,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=512)
     parser.add_argument("--window-chunks", type=int, default=16, help="train.reader.window_chunks")
     parser.add_argument("--steps", type=int, default=48, help="timed steps per run")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating timed runs per side")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs per side")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--regions", type=int, default=196)
     parser.add_argument("--dim", type=int, default=512)
@@ -148,6 +163,11 @@ def main() -> None:
         }
         for run in sides.values():  # warm-up: kernels, page cache, the memory mode's load
             run()
+        rate, cpu = reader_rate(args, streamed)
+        print(
+            f"reader alone (stream):  {rate:9.1f} img/s, {cpu * 1e3:.2f} ms of CPU per image "
+            "(one epoch through the windows and the device feed, no model)"
+        )
         rates: dict[str, list[float]] = {name: [] for name in sides}
         for _ in range(args.repeats):
             for name, run in sides.items():

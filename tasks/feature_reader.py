@@ -248,6 +248,12 @@ class FeatureStore:
         with self._lock:
             return self._handle(shard_index)[FEATURES_DATASET][start:stop]
 
+    def read_into(self, shard_index: int, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows ``start:stop`` of one shard written into ``out`` (C-contiguous, no copy)."""
+        with self._lock:
+            dataset = self._handle(shard_index)[FEATURES_DATASET]
+            dataset.read_direct(out, source_sel=np.s_[start:stop])
+
     def read(self, image_ids: Sequence[str]) -> np.ndarray:
         """Features (N, R, D) of ``image_ids`` in the given order, in the stored dtype."""
         shards, rows = self.locate(image_ids)
@@ -392,17 +398,23 @@ class FeatureBatches:
     # -- stream mode ---------------------------------------------------------------------------
 
     def _read_window(self, positions: np.ndarray) -> np.ndarray:
-        """Features of ``positions`` (in that order), reading each chunk they touch once."""
-        out = np.empty((len(positions), self.store.regions, self.store.dim), self.store.dtype)
-        blocks = self._blocks[positions]
-        for block in np.unique(blocks):
-            where = np.flatnonzero(blocks == block)
-            shard = int(block // BLOCK_STRIDE)
-            rows = self._rows[positions[where]]
-            chunk = self.store.chunk_rows(shard)
-            first = int(rows.min()) // chunk * chunk
-            values = self.store.read_slice(shard, first, first + chunk)
-            out[where] = values[rows - first]
+        """Features of ``positions`` (in that order). Each chunk they touch is read once, its
+        rows straight into a staging array in (chunk, row) order (one contiguous read when the
+        rows are a run, as a whole split's are); one scatter then puts them in window order."""
+        blocks, rows = self._blocks[positions], self._rows[positions]
+        by_place = np.lexsort((rows, blocks))
+        blocks, rows = blocks[by_place], rows[by_place]
+        staged = np.empty((len(positions), self.store.regions, self.store.dim), self.store.dtype)
+        cuts = np.flatnonzero(np.diff(blocks)) + 1
+        for start, stop in zip(np.r_[0, cuts], np.r_[cuts, len(positions)], strict=True):
+            shard, wanted = int(blocks[start] // BLOCK_STRIDE), rows[start:stop]
+            first, last = int(wanted[0]), int(wanted[-1]) + 1
+            if last - first == stop - start:
+                self.store.read_into(shard, first, last, staged[start:stop])
+            else:
+                staged[start:stop] = self.store.read_slice(shard, first, last)[wanted - first]
+        out = np.empty_like(staged)
+        out[by_place] = staged
         return out
 
     def _streamed(

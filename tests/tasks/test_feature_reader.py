@@ -39,6 +39,7 @@ def write_toy_set(
     sizes: list[int],
     dtype: str = "float32",
     folder: Path | None = None,
+    chunk_rows: int = 2,
 ) -> ToySet:
     """Shards of sizes ``sizes`` with features[r, d] = image number + r/10 + d/100 (exact in
     float16 for small numbers); shards are written locally and uploaded when remote."""
@@ -60,7 +61,10 @@ def write_toy_set(
         local.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(local, "w") as shard:
             shard.create_dataset(
-                "features", data=values, maxshape=(None, REGIONS, DIM), chunks=(2, REGIONS, DIM)
+                "features",
+                data=values,
+                maxshape=(None, REGIONS, DIM),
+                chunks=(chunk_rows, REGIONS, DIM),
             )
             shard.create_dataset(
                 "image_ids", data=np.array(shard_ids, dtype=object), dtype=h5py.string_dtype()
@@ -293,19 +297,49 @@ def test_auto_mode_loads_what_fits_the_budget(toy: ToySet) -> None:
 
 def test_streaming_reads_each_chunk_once_per_epoch(toy: ToySet) -> None:
     store = FeatureStore(toy.manifest_url, toy.storage)
-    reads: list[tuple[int, int]] = []
-    original = store.read_slice
+    reads: list[tuple[int, int, int]] = []
+    into, read_slice = store.read_into, store.read_slice
 
-    def counting(shard_index: int, start: int, stop: int) -> np.ndarray:
-        reads.append((shard_index, start))
-        return original(shard_index, start, stop)
+    def counting_into(shard_index: int, start: int, stop: int, out: np.ndarray) -> None:
+        reads.append((shard_index, start, stop))
+        into(shard_index, start, stop, out)
 
-    store.read_slice = counting  # type: ignore[method-assign]
+    def counting_slice(shard_index: int, start: int, stop: int) -> np.ndarray:
+        reads.append((shard_index, start, stop))
+        return read_slice(shard_index, start, stop)
+
+    store.read_into = counting_into  # type: ignore[method-assign]
+    store.read_slice = counting_slice  # type: ignore[method-assign]
     reader = ReaderConfig(mode="stream", window_chunks=2)
     source = FeatureBatches(store, toy.ids, labels_for(18), reader=reader)
-    list(source.batches(4, shuffle=True, seed=0, epoch=0))
-    chunks = [(s, start) for s, n in [(0, 5), (1, 4), (3, 6), (4, 3)] for start in range(0, n, 2)]
+    assert _numbers(list(source.batches(4, shuffle=True, seed=0, epoch=0)))
+    chunks = [
+        (shard, start, min(start + 2, size))
+        for shard, size in [(0, 5), (1, 4), (3, 6), (4, 3)]
+        for start in range(0, size, 2)
+    ]
     assert sorted(reads) == sorted(chunks), "every chunk read once, whole"
+
+
+def test_a_subset_reads_only_the_rows_it_holds(storage: Storage) -> None:
+    """Rows with gaps inside a chunk (a split's images among others) and runs of rows read
+    alike, in both modes."""
+    toy = write_toy_set(storage, storage.url("features", "gaps"), [8, 8], chunk_rows=4)
+    subset = ["im000", "im002", "im003", "im009", "im010", "im011", "im015"]
+    labels = labels_for(16)[[0, 2, 3, 9, 10, 11, 15]]
+    store = FeatureStore(toy.manifest_url, storage)
+    got = {}
+    for mode in ("stream", "memory"):
+        reader = ReaderConfig(mode=mode, window_chunks=1)
+        source = FeatureBatches(store, subset, labels, reader=reader)
+        got[mode] = list(source.batches(3, shuffle=True, seed=2))
+        for features, batch_labels in got[mode]:
+            for feature, label in zip(features, batch_labels, strict=True):
+                np.testing.assert_array_equal(
+                    feature, toy.features[f"im{decode_number(label):03d}"]
+                )
+        assert sorted(_numbers(got[mode])) == [0, 2, 3, 9, 10, 11, 15]
+    assert _numbers(got["stream"]) == _numbers(got["memory"])
 
 
 def test_shuffle_mixes_many_small_shards(storage: Storage) -> None:
@@ -349,10 +383,10 @@ def test_prefetch_thread_ends_on_early_stop_and_on_error(toy: ToySet) -> None:
     batches.close()
     assert not any(t.name == "feature-windows" for t in threading.enumerate())
 
-    def broken(shard_index: int, start: int, stop: int) -> np.ndarray:
+    def broken(*args: object) -> np.ndarray:
         raise OSError("disk gone")
 
-    store.read_slice = broken  # type: ignore[method-assign]
+    store.read_slice = store.read_into = broken  # type: ignore[method-assign]
     with pytest.raises(OSError, match="disk gone"):
         list(source.batches(2, shuffle=True))
     assert not any(t.name == "feature-windows" for t in threading.enumerate())
