@@ -314,6 +314,11 @@ class FeatureBatches:
         self._memory: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor] | None = None
         self._mode: str | None = None
 
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_memory"] = None  # loaded features are reloaded where the copy runs, not pickled
+        return state
+
     def _chunk_rows(self) -> np.ndarray:
         """Rows per stored chunk of each image's shard (the unit a read decodes)."""
         per_shard = {

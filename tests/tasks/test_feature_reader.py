@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -454,3 +455,14 @@ def test_bad_batch_source_inputs(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         FeatureBatches(FeatureStore(toy.manifest_url, toy.storage), ids, labels)
+
+
+def test_a_pickled_source_leaves_its_loaded_features_behind(toy: ToySet) -> None:
+    reader = ReaderConfig(mode="memory")
+    source = FeatureBatches(
+        FeatureStore(toy.manifest_url, toy.storage), toy.ids, labels_for(18), reader=reader
+    )
+    before = _numbers(list(source.batches(4, shuffle=True, seed=1)))
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy._memory is None
+    assert _numbers(list(copy.batches(4, shuffle=True, seed=1))) == before
