@@ -10,16 +10,20 @@ running and uses it.
 
 The server's own output goes to a log file under ``PREFECT_HOME`` rather than to the terminal,
 so that a failed start shows the user one message that says what to do, with the server's last
-error line and where its full log is, instead of the server's traceback.
+error line and where its full log is, instead of the server's traceback; and it runs in its own
+session, so that Ctrl-C interrupts the run, not the API the run reports its end to.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+from prefect.server.api import server as server_module
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
@@ -33,22 +37,25 @@ class TemporaryAPIError(RuntimeError):
 
 
 class LoggedServer(SubprocessASGIServer):
-    """Prefect's subprocess server, started with its stderr in ``log_path``."""
+    """Prefect's subprocess server, with its output in ``log_path`` and in its own session.
+
+    Its own session keeps the terminal's Ctrl-C (sent to the whole foreground process group)
+    and a group kill (``timeout``, a job scheduler) away from it: the flow process records the
+    interrupted run as Crashed through it, and only then stops it at exit. Sharing the group,
+    the server died first and the interrupted process hung on its reconnecting clients.
+    """
 
     log_path: Path
 
     def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-        # Prefect starts the server with the parent's stderr; pointing fd 2 at the log file
-        # for the moment of the fork is the one way to hand the child another stream.
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            saved = os.dup(2)
-            os.dup2(log.fileno(), 2)
-            try:
+            # Prefect builds the server's command line; only how it is started changes here.
+            popen = functools.partial(
+                subprocess.Popen, stdout=log, stderr=log, start_new_session=True
+            )
+            with mock.patch.object(server_module.subprocess, "Popen", popen):
                 return super()._run_uvicorn_command()
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
 
 
 def server_log_path() -> Path:

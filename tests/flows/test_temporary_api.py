@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers.stacks import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -76,3 +80,27 @@ def test_when_it_cannot_start_the_entry_point_says_what_to_do(tmp_path: Path) ->
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in done.stderr
     assert "Traceback" not in done.stderr
     assert f"the server's log: {tmp_path / 'prefect' / 'temporary-api.log'}" in done.stderr
+
+
+def test_a_run_killed_with_its_process_group_is_crashed_and_exits(tmp_path: Path) -> None:
+    """``timeout``, a job scheduler or a closed terminal signal the whole process group: the
+    temporary API, in its own session, survives long enough to record the crash."""
+    log = tmp_path / "run.log"
+    env = without_api(tmp_path, LESA_STORAGE_ROOT=str(tmp_path / "store"))
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.full_pipeline", "--config", TINY],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: "validate-label-table" in log.read_text(), 240, "a stage finished")
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(90) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert re.search(r"Flow run '[^']+' - Finished in state Crashed", log.read_text())
