@@ -27,8 +27,10 @@ from tasks.prediction import (
     find_images,
     load_predictor_task,
     parse_labels,
+    parse_threshold,
     predict_images_task,
     print_predictions,
+    resolve_threshold,
     write_predictions_task,
 )
 from tasks.storage import Storage, StorageConfig
@@ -41,7 +43,8 @@ def predict(
     checkpoint: str,
     images: list[str],
     labels: list[str] | None = None,
-    top_k: int = DEFAULT_TOP_K,
+    top_k: int | None = DEFAULT_TOP_K,
+    threshold: str | None = None,
     out: str = "predictions",
     attention_maps: bool = False,
     storage: StorageConfig | None = None,
@@ -54,7 +57,10 @@ def predict(
         images: image files, folders or prefixes.
         labels: the labels to score (see :func:`tasks.prediction.parse_labels` for reading a
             label file or list); default: the seen and unseen labels recorded in the checkpoint.
-        top_k: labels kept per image.
+        top_k: labels kept per image; with ``threshold``, at most this many (None: no cap).
+        threshold: ``calibrated`` (the thresholds evaluation fitted on the run's validation
+            split, stored beside the checkpoint) or a number: tag every label scoring at least
+            it. None: top-K only.
         out: folder or URL for predictions.csv, predictions.json and attention/.
         attention_maps: also write a heatmap per (image, top label) and a grid figure per image.
         storage: how to reach ``s3://`` URLs (endpoint, credentials); default from the env.
@@ -63,6 +69,7 @@ def predict(
     logger = get_run_logger()
     store = Storage(storage)
     predictor = load_predictor_task(checkpoint, store)
+    cut = None if threshold is None else resolve_threshold(threshold, checkpoint, store)
     names = labels or predictor.known_labels
     if not names:
         raise PredictionError("the checkpoint records no labels and none were given: pass --labels")
@@ -74,6 +81,7 @@ def predict(
         names,
         store,
         top_k=top_k,
+        threshold=cut,
         attention=attention_maps,
         batch_size=batch_size,
         skipped=missing,
@@ -100,6 +108,14 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _threshold(text: str) -> str:
+    """argparse type of ``--threshold``: ``calibrated`` or a finite number."""
+    try:
+        return parse_threshold(text)
+    except PredictionError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--top-k",
         type=_at_least_one,
-        default=DEFAULT_TOP_K,
-        help=f"labels per image (default {DEFAULT_TOP_K})",
+        default=None,
+        help=f"labels per image (default {DEFAULT_TOP_K}); with --threshold, at most this many "
+        "(default: no cap)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=_threshold,
+        metavar="calibrated|NUMBER",
+        help="tag every label scoring at least a threshold: 'calibrated' uses the per-label "
+        "thresholds that evaluation fitted on the run's validation split (labels without one, "
+        "and new labels, use its global threshold); a number uses that score for every label",
     )
     parser.add_argument(
         "--out",
@@ -187,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             images=args.images,
             labels=labels,
-            top_k=args.top_k,
+            top_k=args.top_k or (None if args.threshold else DEFAULT_TOP_K),
+            threshold=args.threshold,
             out=args.out,
             attention_maps=args.attention_maps,
             storage=storage_config,

@@ -116,6 +116,29 @@ def top_k(scores: np.ndarray, label_names: Sequence[str], k: int) -> list[list[t
     ]
 
 
+def select_tags(
+    scores: np.ndarray, top_k: int | None, thresholds: np.ndarray | float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's tags: the ``top_k`` best columns, or those at or above their threshold.
+
+    Returns ``top`` (N, K) column indices, best first (ties: lower column first), and ``kept``
+    (N, K) bool: which of them are tags. Without thresholds every one of the ``top_k`` is kept;
+    with thresholds (one per column, or one for all) K is ``top_k`` (a cap) or every column.
+    """
+    scores = np.asarray(scores)
+    width = scores.shape[1] if top_k is None else top_k
+    if not 1 <= width <= scores.shape[1]:
+        raise ValueError(f"top_k must be between 1 and the number of labels ({scores.shape[1]})")
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+    if thresholds is None:
+        if top_k is None:
+            raise ValueError("give top_k, thresholds or both")
+        return top, np.ones(top.shape, dtype=bool)
+    cut = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (scores.shape[1],))
+    kept = np.take_along_axis(scores, top, axis=1) >= cut[top]
+    return top, kept
+
+
 def attention_for(
     model: LESA,
     features: np.ndarray | torch.Tensor,

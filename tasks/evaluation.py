@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from lesa_common import StrictModel
 from lesa_model.attention import PointingGameResult, centre_crop_box, pointing_game
 from lesa_model.baselines import pool_regions
+from lesa_model.calibration import Thresholds, precision_recall_f1_at_threshold
 from lesa_model.inference import SCORE_BATCH, attention_for, score
 from lesa_model.metrics import evaluate_zero_shot
 from lesa_model.model import LESA
@@ -35,6 +36,7 @@ from tasks.images import resolve_uri
 from tasks.retries import retrying_task
 from tasks.stage_inputs import StageInputs, split_source
 from tasks.storage import Storage
+from tasks.thresholds import calibrate
 
 REPORTS_DIR = "reports"
 POINTING_BATCH = 64
@@ -255,6 +257,9 @@ def evaluate_checkpoint(
     model = _scoring_model(storage, checkpoint_url, inputs)
     scores = score(model, test.source, test.vectors, batch_size=config.batch_size)
     metrics = evaluate_zero_shot(scores, test.source.labels, *test.columns, ks)
+    thresholds = calibrate(model, inputs, storage, checkpoint_url, batch_size=config.batch_size)
+    if thresholds is not None:
+        _add_threshold_metrics(metrics, scores, test, thresholds)
     baselines = _baseline_metrics(
         config, storage, inputs, test, ks=ks, checkpoints=baseline_checkpoints or {}
     )
@@ -286,6 +291,22 @@ def evaluate_checkpoint(
         pointing=None if pointing is None else reports.pointing_summary(pointing),
         rejects=rejects,
     )
+
+
+def _add_threshold_metrics(
+    metrics: dict[str, dict[str, float]],
+    scores: np.ndarray,
+    test: ZeroShotSplit,
+    thresholds: Thresholds,
+) -> None:
+    """P/R/F1 of tagging by the calibrated thresholds (``P@thr``...), beside P/R/F1@K: ZSL
+    over the unseen labels (the global threshold), GZSL over all of them."""
+    cut = thresholds.for_labels(test.names)
+    for setting, columns in (("zsl", test.columns[1]), ("gzsl", np.arange(len(test.names)))):
+        precision, recall, f1 = precision_recall_f1_at_threshold(
+            scores[:, columns], test.source.labels[:, columns], cut[columns]
+        )
+        metrics[setting] |= {"P@thr": precision, "R@thr": recall, "F1@thr": f1}
 
 
 def _baseline_metrics(

@@ -30,7 +30,8 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from lesa_model.attention import attention_grid_figure, centre_crop_box, heatmap_overlay
-from lesa_model.inference import attention_for
+from lesa_model.calibration import Thresholds
+from lesa_model.inference import attention_for, select_tags
 from lesa_model.model import LESA
 from tasks import backbones
 from tasks.backbones import BACKBONE_BATCH, Backbone, region_features
@@ -39,6 +40,7 @@ from tasks.embeddings import EmbeddingConfig, OOVError, embed_words
 from tasks.feature_config import FeatureIdentity
 from tasks.images import ImageRejected, read_image
 from tasks.storage import Storage
+from tasks.thresholds import ThresholdsError, read_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +114,19 @@ class Predictions:
     """(N, C) float32."""
     top: np.ndarray
     """(N, K) column indices, best first."""
+    kept: np.ndarray
+    """(N, K) bool: which of ``top`` are tags (all of them without a threshold)."""
     attention: np.ndarray | None
     """(N, K, R) float32: the selected module's weights for each top label, or None."""
     grid: tuple[int, int]
     crop_fraction: float
     skipped: list[SkippedImage] = field(default_factory=list)
+    threshold: str | None = None
+    """How tags were cut: None (top-K), ``calibrated`` or the number given."""
+
+    def tags(self, index: int) -> list[int]:
+        """Columns of image ``index``'s tags, best first."""
+        return [int(c) for c, kept in zip(self.top[index], self.kept[index], strict=True) if kept]
 
     def table(self) -> pd.DataFrame:
         """Long format: one row per (image, rank) with label, score and whether it was seen."""
@@ -129,7 +139,7 @@ class Predictions:
                 "seen": bool(self.seen[column]),
             }
             for index, uri in enumerate(self.uris)
-            for rank, column in enumerate(self.top[index])
+            for rank, column in enumerate(self.tags(index))
         ]
         return pd.DataFrame(rows, columns=["image", "rank", "label", "score", "seen"])
 
@@ -141,6 +151,7 @@ class Predictions:
                 for label, seen in zip(self.labels, self.seen, strict=True)
             ],
             "top_k": int(self.top.shape[1]),
+            "threshold": self.threshold,
             "images": [
                 {
                     "image": uri,
@@ -152,7 +163,7 @@ class Predictions:
                             "score": float(self.scores[index, column]),
                             "seen": bool(self.seen[column]),
                         }
-                        for column in self.top[index]
+                        for column in self.tags(index)
                     ],
                 }
                 for index, (uri, size) in enumerate(zip(self.uris, self.image_sizes, strict=True))
@@ -189,6 +200,36 @@ def load_predictor(checkpoint: str, storage: Storage) -> Predictor:
             f"grid {grid}"
         )
     return Predictor(model, metadata, checkpoint)
+
+
+CALIBRATED = "calibrated"
+
+
+def parse_threshold(text: str) -> str:
+    """``calibrated`` or a finite number, as text (what the flow parameter carries)."""
+    value = text.strip().lower()
+    if value == CALIBRATED:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise PredictionError(
+            f"threshold must be {CALIBRATED!r} or a number, got {text!r}"
+        ) from None
+    if not np.isfinite(number):
+        raise PredictionError(f"threshold must be a finite number, got {text!r}")
+    return value
+
+
+def resolve_threshold(text: str, checkpoint: str, storage: Storage) -> float | Thresholds:
+    """The cut ``text`` names: a checkpoint's calibrated thresholds or one number."""
+    value = parse_threshold(text)
+    if value != CALIBRATED:
+        return float(value)
+    try:
+        return read_thresholds(storage, checkpoint)
+    except ThresholdsError as error:
+        raise PredictionError(str(error)) from error
 
 
 def parse_labels(spec: str, storage: Storage) -> list[str]:
@@ -326,7 +367,7 @@ def _score_images(
         scored.sizes.extend(sizes)
         scored.scores.append(batch_scores.astype(np.float32))
         if attention_top_k is not None:
-            best = _top_columns(batch_scores, attention_top_k)
+            best, _ = select_tags(batch_scores, attention_top_k)
             _, weights = attention_for(predictor.model, features, vectors)
             scored.attention.append(np.take_along_axis(weights, best[:, :, None], axis=1))
     progress.close()
@@ -339,27 +380,26 @@ def predict_images(
     labels: Sequence[str],
     storage: Storage,
     *,
-    top_k: int = DEFAULT_TOP_K,
+    top_k: int | None = DEFAULT_TOP_K,
+    threshold: float | Thresholds | None = None,
     attention: bool = False,
     batch_size: int = BACKBONE_BATCH,
     backbone: Backbone | None = None,
     skipped: Sequence[SkippedImage] = (),
 ) -> Predictions:
-    """Score every readable image of ``uris`` for every label; keep each image's top ``k``.
+    """Score every readable image of ``uris`` for every label and pick its tags.
 
-    With ``attention`` the selected module's region weights of each top label are kept too.
+    Tags are the ``top_k`` best labels, or with ``threshold`` (one number, or calibrated
+    :class:`~lesa_model.calibration.Thresholds`: a label's own, the global one for labels
+    without) the labels scoring at least it, best first and at most ``top_k`` when given.
+    With ``attention`` the selected module's region weights of each candidate are kept too.
     ``skipped`` lists inputs already dropped (e.g. by :func:`find_images`); the ones skipped here
-    are added to it. This is where the request is checked: at least one label, ``top_k`` from 1
-    to their number, a positive ``batch_size``.
+    are added to it. This is where the request is checked.
     """
-    if not labels:
-        raise PredictionError("the label list is empty: give at least one label to score")
-    if not 1 <= top_k <= len(labels):
-        raise PredictionError(f"--top-k must be between 1 and the number of labels ({len(labels)})")
-    if batch_size < 1:
-        raise PredictionError(f"batch_size must be positive, got {batch_size}")
+    _check_request(labels, top_k, threshold, batch_size)
     vectors = torch.from_numpy(_label_vectors(labels, predictor, storage))
     backbone = backbone or load_backbone_for(predictor, storage)
+    width = top_k or len(labels)
     scored = _score_images(
         predictor,
         backbone,
@@ -367,7 +407,7 @@ def predict_images(
         uris,
         storage,
         batch_size=batch_size,
-        attention_top_k=top_k if attention else None,
+        attention_top_k=width if attention else None,
     )
     for item in scored.skipped:
         logger.warning("skipped %s: %s (%s)", item.uri, item.reason, item.detail)
@@ -376,6 +416,8 @@ def predict_images(
         reasons = "; ".join(f"{item.uri}: {item.reason}" for item in dropped[:10])
         raise PredictionError(f"no image could be read ({reasons or 'no images given'})")
     scores = np.concatenate(scored.scores)
+    cut = threshold.for_labels(labels) if isinstance(threshold, Thresholds) else threshold
+    top, kept = select_tags(scores, width, cut)
     seen = set(predictor.seen_labels)
     image_size = predictor.features.image_size
     return Predictions(
@@ -384,12 +426,36 @@ def predict_images(
         labels=list(labels),
         seen=np.array([label in seen for label in labels], dtype=bool),
         scores=scores,
-        top=_top_columns(scores, top_k),
+        top=top,
+        kept=kept,
         attention=np.concatenate(scored.attention) if attention else None,
         grid=predictor.grid,
         crop_fraction=image_size / backbones.resize_side(image_size),
         skipped=dropped,
+        threshold=_threshold_name(threshold),
     )
+
+
+def _check_request(
+    labels: Sequence[str],
+    top_k: int | None,
+    threshold: float | Thresholds | None,
+    batch_size: int,
+) -> None:
+    if not labels:
+        raise PredictionError("the label list is empty: give at least one label to score")
+    if top_k is None and threshold is None:
+        raise PredictionError("give --top-k, --threshold or both")
+    if top_k is not None and not 1 <= top_k <= len(labels):
+        raise PredictionError(f"--top-k must be between 1 and the number of labels ({len(labels)})")
+    if batch_size < 1:
+        raise PredictionError(f"batch_size must be positive, got {batch_size}")
+
+
+def _threshold_name(threshold: float | Thresholds | None) -> str | None:
+    if threshold is None:
+        return None
+    return "calibrated" if isinstance(threshold, Thresholds) else f"{threshold:g}"
 
 
 def write_predictions(
@@ -420,20 +486,22 @@ def print_predictions(
     Only the first ``max_rows`` images are shown (the CSV and JSON hold all of them).
     """
     folder, names = _short_names(predictions.uris[:max_rows])
+    tags = [predictions.tags(index) for index in range(len(names))]
+    cut = f"score >= the {predictions.threshold} threshold" if predictions.threshold else "top"
     table = Table(
-        title=f"Top {predictions.top.shape[1]} labels per image (* = not trained on)",
+        title=f"Labels per image, {cut}, best first (* = not trained on)",
         caption=f"images under {folder}" if folder else None,
     )
     table.add_column("image", overflow="fold")
-    for rank in range(predictions.top.shape[1]):
+    for rank in range(max([1, *map(len, tags)])):
         table.add_column(f"#{rank + 1}", overflow="fold")
     for index, name in enumerate(names):
         cells = [
             f"{predictions.labels[c]}{'' if predictions.seen[c] else '*'}\n"
             f"{predictions.scores[index, c]:.3g}"
-            for c in predictions.top[index]
+            for c in tags[index]
         ]
-        table.add_row(escape(name), *(escape(cell) for cell in cells))
+        table.add_row(escape(name), *(escape(cell) for cell in cells or ["(none)"]))
     console = console or Console()
     console.print(table)
     hidden = len(predictions.uris) - max_rows
@@ -499,11 +567,6 @@ def _decoded_batches(
         yield kept, sizes, inputs, skipped
 
 
-def _top_columns(scores: np.ndarray, k: int) -> np.ndarray:
-    """(N, k) column indices of the highest scores, best first (ties: lower column first)."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
@@ -527,18 +590,20 @@ def _write_attention_maps(
             continue
         folder = f"{prefix}/{index:04d}-{_safe_name(PurePosixPath(uri).stem)}"
         region = centre_crop_box(image.size, predictions.crop_fraction)
-        columns = predictions.top[index]
+        ranks = np.flatnonzero(predictions.kept[index])
+        if not ranks.size:
+            continue
+        columns = predictions.top[index][ranks]
+        maps = attention[index][ranks]
         for rank, column in enumerate(columns):
-            overlay = heatmap_overlay(
-                image, attention[index, rank], predictions.grid, region_box=region
-            )
+            overlay = heatmap_overlay(image, maps[rank], predictions.grid, region_box=region)
             url = f"{folder}/{rank + 1:02d}-{_safe_name(predictions.labels[column])}.png"
             storage.write_bytes(url, _png(overlay))
             written.append(url)
         figure = attention_grid_figure(
             image,
             [predictions.labels[column] for column in columns],
-            attention[index],
+            maps,
             predictions.grid,
             scores=[float(predictions.scores[index, column]) for column in columns],
             region_box=region,

@@ -13,8 +13,12 @@ from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.predict import main
+from lesa_model.calibration import Thresholds
 from lesa_model.config import ModelConfig
 from tasks.feature_config import FeaturesConfig
+from tasks.storage import Storage
+from tasks.thresholds import thresholds_url
+from tasks.versions import file_version
 from tests.helpers.checkpoints import write_checkpoint
 
 FEATURES = FeaturesConfig(backbone="efficientnet-lite0", weights="none", image_size=64)
@@ -53,7 +57,8 @@ def test_help_describes_the_options(capsys) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--checkpoint", "--images", "--labels", "--top-k", "--out", "--attention-maps"):
+    options = ("--checkpoint", "--images", "--labels", "--top-k", "--threshold", "--out")
+    for option in (*options, "--attention-maps"):
         assert option in text
 
 
@@ -76,6 +81,9 @@ def test_bad_arguments_exit_with_usage_error(inputs) -> None:
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", "x.pt", "--images", "a.jpg", "--set", "train.steps=3"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", "x.pt", "--images", "a.jpg", "--threshold", "high"])
     assert exit_info.value.code == 2
 
 
@@ -122,3 +130,25 @@ def test_cli_unembeddable_label_is_a_clear_error(inputs, prefect_api, capsys) ->
     assert code == 2
     assert "blorptangle" in capsys.readouterr().err
     assert not (inputs["root"] / "never").exists()
+
+
+@pytest.mark.slow
+def test_cli_tags_by_the_calibrated_thresholds_stored_with_the_checkpoint(
+    inputs, prefect_api, capsys
+) -> None:
+    out = inputs["root"] / "calibrated"
+    assert tag_images(inputs, "--threshold", "calibrated", "--out", str(out)) == 2
+    assert "no calibrated thresholds" in capsys.readouterr().err
+    storage = Storage()
+    checkpoint = str(inputs["checkpoint"])
+    labels = ["cat", "dog"]
+    fitted = Thresholds(labels, [-1e9, 1e9], [True, True], global_threshold=1e9)
+    document = {**fitted.document(), "checkpoint_version": file_version(storage, checkpoint)}
+    storage.write_json(thresholds_url(checkpoint), document)
+    code = tag_images(
+        inputs, "--labels", "cat,dog,zebra", "--threshold", "calibrated", "--out", str(out)
+    )
+    assert code == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "predictions.csv")
+    assert set(table["label"]) == {"cat"}
+    assert len(table) == 2

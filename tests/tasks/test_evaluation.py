@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
 
+from lesa_model.calibration import MIN_POSITIVES
 from lesa_model.checkpoint import load_model
 from lesa_model.model import LesaOutput
 from tasks.backbones import resize_side
@@ -22,6 +23,7 @@ from tasks.embeddings import GloveFile
 from tasks.evaluation import EvaluationConfig, evaluate_checkpoint, report_prefix
 from tasks.feature_config import FeatureIdentity
 from tasks.stage_inputs import DatasetTables
+from tasks.thresholds import ThresholdsError, read_thresholds
 from tests.helpers.reference_metrics import loop_prf_at_k
 from tests.helpers.training_inputs import SEEN, UNSEEN, Synthetic, synthetic, train
 
@@ -41,23 +43,23 @@ def reference_metrics(scores: np.ndarray, truth: np.ndarray, columns: list[int],
     return {"mAP": float(np.mean(aps)), f"P@{k}": precision, f"R@{k}": recall, f"F1@{k}": f1}
 
 
-def features_from_shards(inputs: Synthetic) -> tuple[list[str], np.ndarray]:
-    """Test images' features read straight from the HDF5 shards, in table order."""
+def features_from_shards(inputs: Synthetic, split: str = "test") -> tuple[list[str], np.ndarray]:
+    """A split's features read straight from the HDF5 shards, in table order."""
     manifest = inputs.storage.read_parquet(inputs.features.manifest_url)
     by_id = {}
     for uri in manifest["shard_uri"]:
         with h5py.File(inputs.storage.local_copy(uri), "r") as shard:
             ids = shard["image_ids"].asstr()[:]
             by_id.update(zip(ids, shard["features"][:], strict=True))
-    test = inputs.tables.split("test")
-    return test["image_id"].tolist(), np.stack([by_id[i] for i in test["image_id"]])
+    rows = inputs.tables.split(split)
+    return rows["image_id"].tolist(), np.stack([by_id[i] for i in rows["image_id"]])
 
 
 def model_output(
-    inputs: Synthetic, checkpoint: str, labels: list[str]
+    inputs: Synthetic, checkpoint: str, labels: list[str], split: str = "test"
 ) -> tuple[list[str], LesaOutput]:
-    """The checkpoint's forward pass over the test images, straight from the shards."""
-    ids, features = features_from_shards(inputs)
+    """The checkpoint's forward pass over a split's images, straight from the shards."""
+    ids, features = features_from_shards(inputs, split)
     model, _ = load_model(checkpoint)
     with torch.no_grad():
         vectors = torch.from_numpy(inputs.embeddings.vectors(labels))
@@ -116,6 +118,43 @@ def test_metrics_match_sklearn_and_loops(trained: tuple[Synthetic, str]) -> None
     assert result.num_images == len(ids)
     assert result.seen_labels == SEEN
     assert result.unseen_labels == UNSEEN
+
+
+def test_thresholds_are_fitted_on_validation_stored_with_the_checkpoint_and_reported(
+    trained: tuple[Synthetic, str],
+) -> None:
+    inputs, checkpoint = trained
+    result = evaluate(inputs, checkpoint)
+    thresholds = read_thresholds(inputs.storage, checkpoint)
+    ids, output = model_output(inputs, checkpoint, SEEN, split="val")
+    val_scores, val_truth = output.scores.numpy(), truth_matrix(inputs.tables, ids, SEEN)
+    assert thresholds.labels == SEEN
+    for column in range(len(SEEN)):
+        positive = val_truth[:, column] == 1
+        if positive.sum() < MIN_POSITIVES:
+            assert thresholds.values[column] == thresholds.global_threshold
+            continue
+        best = max(
+            f1_score(positive, val_scores[:, column] >= cut) for cut in val_scores[:, column]
+        )
+        achieved = f1_score(positive, val_scores[:, column] >= thresholds.values[column])
+        assert achieved == pytest.approx(best)
+    labels = SEEN + UNSEEN
+    ids, output = model_output(inputs, checkpoint, labels)
+    scores, truth = output.scores.numpy(), truth_matrix(inputs.tables, ids, labels)
+    predicted = scores >= thresholds.for_labels(labels)
+    unseen = slice(len(SEEN), None)
+    for setting, columns in (("zsl", unseen), ("gzsl", slice(None))):
+        expected = precision_recall_fscore_support(
+            (truth[:, columns] == 1).ravel(), predicted[:, columns].ravel(), average="binary"
+        )
+        lesa = result.metrics["LESA"][setting]
+        got = (lesa["P@thr"], lesa["R@thr"], lesa["F1@thr"])
+        assert got == pytest.approx(expected[:3], abs=1e-6), setting
+    assert thresholds.for_labels(UNSEEN) == pytest.approx([thresholds.global_threshold] * 2)
+    Path(checkpoint).write_bytes(Path(checkpoint).read_bytes() + b"retrained")
+    with pytest.raises(ThresholdsError, match="evaluate the run again"):
+        read_thresholds(inputs.storage, checkpoint)
 
 
 def test_report_files_and_summary(trained: tuple[Synthetic, str]) -> None:

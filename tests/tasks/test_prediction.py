@@ -15,6 +15,7 @@ from matplotlib import colormaps
 from PIL import Image
 from rich.console import Console
 
+from lesa_model.calibration import Thresholds
 from lesa_model.config import ModelConfig
 from lesa_model.model import LESA
 from tasks.checkpoints import CheckpointMetadataError, read_metadata
@@ -217,6 +218,7 @@ def test_written_heatmaps_peak_in_the_attended_region_of_the_seen_crop(tmp_path)
         seen=np.array([True, False]),
         scores=np.array([[0.2, 0.9]], dtype=np.float32),
         top=np.array([[1, 0]]),
+        kept=np.array([[True, True]]),
         attention=np.array([[[0, 0, 0, 1], [1, 0, 0, 0]]], dtype=np.float32),
         grid=(2, 2),
         crop_fraction=0.875,
@@ -335,3 +337,33 @@ def test_images_from_an_s3_prefix(workspace, s3_server) -> None:
     artifacts = write_predictions(predictions, storage, storage.url("predictions"))
     assert storage.exists(artifacts.csv_url)
     assert json.loads(storage.read_bytes(artifacts.json_url))["images"][1]["width"] == 50
+
+
+def test_threshold_tags_every_label_at_or_above_its_cut(workspace, storage) -> None:
+    predictor = load_predictor(str(workspace["checkpoint"]), storage)
+    uris, _ = find_images(
+        [str(workspace["images"] / "a.png"), str(workspace["images"] / "b.jpg")], storage
+    )
+    labels = [*SEEN, *UNSEEN, "zebra"]
+    ranked = predict_images(predictor, uris, labels, storage, top_k=len(labels))
+    cut = float(np.median(ranked.scores))
+    by_number = predict_images(predictor, uris, labels, storage, top_k=None, threshold=cut)
+    per_label = Thresholds(SEEN, [cut - 1.0, cut + 1.0, cut], [True, False, True], cut + 0.5)
+    calibrated = predict_images(predictor, uris, labels, storage, top_k=None, threshold=per_label)
+    capped = predict_images(predictor, uris, labels, storage, top_k=1, threshold=cut)
+    own = np.array([cut - 1.0, cut + 0.5, cut, cut + 0.5, cut + 0.5])
+    for index in range(len(uris)):
+        row = ranked.scores[index]
+        expected = sorted(np.flatnonzero(row >= cut), key=lambda c: (-row[c], c))
+        assert by_number.tags(index) == expected
+        assert capped.tags(index) == expected[:1]
+        assert calibrated.tags(index) == sorted(
+            np.flatnonzero(row >= own), key=lambda c: (-row[c], c)
+        )
+    table = by_number.table()
+    assert len(table) == sum(len(by_number.tags(i)) for i in range(len(uris)))
+    assert (table["score"] >= cut).all()
+    assert by_number.document()["threshold"] == f"{cut:g}"
+    assert calibrated.document()["threshold"] == "calibrated"
+    with pytest.raises(PredictionError, match="--top-k, --threshold or both"):
+        predict_images(predictor, uris, labels, storage, top_k=None)
