@@ -36,7 +36,7 @@ import torch
 from _flops import measure_matmul_gflops, measure_onednn_gemm_gflops
 from PIL import Image
 
-from tasks.backbones import load_backbone
+from lesa_model.backbones import load_backbone
 from tasks.feature_config import DaskConfig, FeaturesConfig
 from tasks.feature_worker import extract_shard
 from tasks.features import dask_client, extract_features, plan_shards, usable_cores

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from bench_extraction import conv_gflop_per_image, write_photos
 
-from tasks.backbones import load_backbone
+from lesa_model.backbones import load_backbone
 from tasks.feature_config import FeaturesConfig
 from tasks.feature_worker import extract_shard
 from tasks.features import plan_shards, usable_cores

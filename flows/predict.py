@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from flows.cli import add_config_arguments, overrides_from, prepare_process
-from tasks.backbones import BACKBONE_BATCH
+from lesa_model.backbones import BACKBONE_BATCH
 from tasks.config import ConfigError, load_config
 from tasks.prediction import (
     DEFAULT_TOP_K,

@@ -17,9 +17,9 @@ import yaml
 from pydantic import Field, ValidationError, WithJsonSchema, model_validator
 
 from lesa_common import StrictModel
+from lesa_model.backbones import PRETRAINED, RANDOM
 from lesa_model.config import LossConfig, ModelConfig, TrainerConfig
 from tasks.ablation_config import AblationConfig
-from tasks.backbones import PRETRAINED, RANDOM
 from tasks.datasets import DatasetConfig
 from tasks.embeddings import EmbeddingConfig, NusWideRelease
 from tasks.evaluation import EvaluationConfig

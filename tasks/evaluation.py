@@ -22,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from lesa_common import StrictModel
 from lesa_model.attention import PointingGameResult, centre_crop_box, pointing_game
+from lesa_model.backbones import resize_side
 from lesa_model.baselines import pool_regions
 from lesa_model.calibration import Thresholds, precision_recall_f1_at_threshold
 from lesa_model.inference import SCORE_BATCH, attention_for, score
 from lesa_model.metrics import evaluate_zero_shot
 from lesa_model.model import LESA
 from tasks import reports
-from tasks.backbones import resize_side
 from tasks.baselines import BaselineName, BaselineTuning, load_eszsl, random_ranking
 from tasks.checkpoints import load_trained_model
 from tasks.feature_reader import FeatureBatches, FeatureStore

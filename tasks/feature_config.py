@@ -14,8 +14,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lesa_common import StrictModel
-from tasks import backbones, schemas
-from tasks.backbones import Backbone, BackboneChoice, PreprocessingName, WeightsOpener
+from lesa_model import backbones
+from lesa_model.backbones import Backbone, BackboneChoice, PreprocessingName, WeightsOpener
+from tasks import schemas
 from tasks.feature_shards import FORMAT_VERSION
 from tasks.hashing import content_hash
 from tasks.storage import Storage
@@ -25,7 +26,7 @@ class FeatureIdentity(StrictModel):
     """What a feature set is computed with: backbone, weights, input size, preprocessing, dtype."""
 
     backbone: str = "efficientnet-lite0"
-    """A name in :data:`tasks.backbones.REGISTRY`."""
+    """A name in :data:`lesa_model.backbones.REGISTRY`."""
     weights: str = backbones.PRETRAINED
     """``imagenet``, ``none`` (random; tests only) or a weights file path/URL."""
     image_size: int = Field(224, ge=16)

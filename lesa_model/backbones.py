@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from tasks.images import DEFAULT_MAX_PIXELS, ImageRejected
+from lesa_model.images import DEFAULT_MAX_PIXELS, ImageRejected
 
 PreprocessingName = Literal["caffe", "torchvision", "efficientnet"]
 WeightsOpener = Callable[[str], Path]

@@ -13,8 +13,8 @@ import torchvision.transforms.v2
 from PIL import Image
 from torchvision.models import VGG19_Weights, vgg19
 
-from tasks import backbones
-from tasks.backbones import BackboneError, WeightsUnavailableError, load_backbone
+from lesa_model import backbones
+from lesa_model.backbones import BackboneError, WeightsUnavailableError, load_backbone
 
 IMAGENET_CATEGORIES = VGG19_Weights.IMAGENET1K_V1.meta["categories"]
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
