@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prepare_process()
-    storage_config = _storage_config(parser, args)
+    storage_config = storage_section(parser, args)
     try:
         labels = None if args.labels is None else parse_labels(args.labels, Storage(storage_config))
         result = predict(
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _storage_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> StorageConfig:
+def storage_section(parser: argparse.ArgumentParser, args: argparse.Namespace) -> StorageConfig:
     """The storage section of ``--config`` (with ``--set``), or the environment's defaults."""
     overrides = overrides_from(parser, args.overrides)
     if args.config is None:

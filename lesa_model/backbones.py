@@ -365,6 +365,67 @@ def load_backbone(
     return Backbone(choice=choice, module=module, transform=choice.transform(), weights=weights)
 
 
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """Everything that makes a feature's numbers: backbone, weights, input size, the resolved
+    preprocessing identifier and the dtype they are stored (and rounded) in.
+
+    A model only means something on features made by its own recipe, so a checkpoint's card
+    carries it and :class:`lesa_model.Tagger` refuses any other.
+    """
+
+    backbone: str
+    weights: str
+    image_size: int
+    preprocessing: str
+    """:attr:`BackboneChoice.preprocessing_id`, e.g. ``efficientnet-resize256-crop224-bilinear``."""
+    dtype: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> FeatureRecipe:
+        """A recipe from a card's ``features`` section (extra keys such as the key ignored)."""
+        try:
+            return cls(
+                backbone=str(data["backbone"]),
+                weights=str(data["weights"]),
+                image_size=int(data["image_size"]),  # type: ignore[call-overload]
+                preprocessing=str(data["preprocessing"]),
+                dtype=str(data["dtype"]),
+            )
+        except KeyError as error:
+            raise BackboneError(f"feature recipe lacks {error.args[0]!r}: {data}") from None
+
+    @classmethod
+    def of(cls, backbone: Backbone, dtype: str = "float16") -> FeatureRecipe:
+        """The recipe of features made by ``backbone`` and stored as ``dtype``."""
+        return cls(
+            backbone.name, backbone.weights, backbone.image_size, backbone.preprocessing, dtype
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.backbone} (weights {self.weights}, {self.image_size}px, "
+            f"{self.preprocessing}, {self.dtype})"
+        )
+
+    def build(self, open_weights: WeightsOpener | None = None) -> Backbone:
+        """The backbone of this recipe, in eval mode on the CPU."""
+        kind = self.preprocessing.split("-resize", 1)[0]
+        backbone = load_backbone(
+            self.backbone,
+            weights=self.weights,
+            image_size=self.image_size,
+            preprocessing=kind,
+            open_weights=open_weights,
+        )
+        if backbone.preprocessing != self.preprocessing:
+            raise BackboneError(
+                f"recipe preprocessing {self.preprocessing!r} is not what {self.backbone} does "
+                f"at {self.image_size}px ({backbone.preprocessing!r})"
+            )
+        return backbone
+
+
 # -- VGG-19 ------------------------------------------------------------------------------------
 
 

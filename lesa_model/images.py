@@ -80,7 +80,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError) as error:
         raise ImageRejected("corrupt", f"unreadable EXIF: {error}") from error
-    return _to_rgb(image)
+    return to_rgb(image)
 
 
 def _decode_failure(error: Exception) -> RejectReason:
@@ -88,7 +88,7 @@ def _decode_failure(error: Exception) -> RejectReason:
     return "truncated" if "truncated" in str(error).lower() else "corrupt"
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; 16-bit keeps its high byte, 32-bit/float is stretched
     to its own range (Pillow's ``convert`` would clip both to white)."""
     if image.mode.startswith("I;16"):
@@ -106,5 +106,5 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode == "L" and "transparency" in image.info:
-        return _to_rgb(image.convert("LA"))
+        return to_rgb(image.convert("LA"))
     return image.convert("RGB") if image.mode != "RGB" else image

@@ -36,6 +36,7 @@ from gensim.models import KeyedVectors
 from pydantic import BeforeValidator, ConfigDict, Field, StringConstraints
 
 from lesa_common import StrictModel
+from lesa_model.word_vectors import label_vector, tokenize_label
 from tasks.hashing import content_hash
 from tasks.retries import retrying_task
 from tasks.schemas import LabelEmbeddings, Vocabulary, validate
@@ -45,7 +46,6 @@ from tasks.versions import file_versions
 logger = logging.getLogger(__name__)
 
 _CACHE_FORMAT = 1
-_TOKEN_SEPARATORS = re.compile(r"[\s_\-/]+")
 _PHRASE_SEPARATOR = ";"
 _FUNCTION_WORDS = frozenset({"a", "an", "and", "at", "for", "in", "of", "on", "the", "with"})
 """Left out of descriptions only: they carry no meaning of their own but pull every averaged
@@ -331,11 +331,6 @@ class EmbeddingResult:
         return np.asarray(table.loc[order].tolist(), dtype=np.float32).reshape(len(order), -1)
 
 
-def tokenize_label(label: str) -> list[str]:
-    """Lowercase words of a label name, split on whitespace, ``_``, ``-`` and ``/``."""
-    return [token for token in _TOKEN_SEPARATORS.split(label.lower()) if token]
-
-
 def load_keyed_vectors(source: SourceKind, storage: Storage | None = None) -> KeyedVectors:
     """Word vectors of ``source``, loaded once per process (per value of all its fields and
     version of its vector files)."""
@@ -501,13 +496,10 @@ def _embed(
     ``descriptions``, the normalised mean of that vector and one per description phrase."""
     rows_label, rows_vector = [], []
     for index, (label, text) in enumerate(zip(labels, tokens, strict=True)):
-        words = tokenize_label(text)
-        vector = _unit_mean(words, keyed)
+        vector, unknown = label_vector(text, keyed)
         if vector is None:
             continue
-        known = [word for word in words if word in keyed.key_to_index]
-        if len(known) < len(words):
-            unknown = sorted(set(words) - set(known))
+        if unknown:
             logger.info("label %r: tokens %s not in the word vectors", label, unknown)
         if descriptions is not None:
             parts = [vector, *_description_parts(descriptions[index], keyed)]

@@ -77,6 +77,12 @@ class FeatureIdentity(StrictModel):
             self.model_dump(include=set(FeatureIdentity.model_fields))
         )
 
+    def recipe(self) -> backbones.FeatureRecipe:
+        """The recipe a portable checkpoint carries (the preprocessing resolved)."""
+        return backbones.FeatureRecipe(
+            self.backbone, self.weights, self.image_size, self.preprocessing_id, self.dtype
+        )
+
     def build_backbone(self, open_weights: WeightsOpener | None = None) -> Backbone:
         """The backbone these features come from, in eval mode on the CPU."""
         return backbones.load_backbone(
