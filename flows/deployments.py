@@ -10,6 +10,8 @@ from the optional cron schedule, or from the trigger on ``lesa.labels.updated`` 
 ``--watch-every SECONDS`` the label watcher is served too, as ``lesa-watch-labels/poll`` on an
 interval schedule. ``lesa/ablation`` (``flows.ablation``) runs the config's ablation grid on
 demand (``prefect deployment run lesa/ablation -p config=...``); it has no trigger.
+``lesa/tag-images`` (``flows.tag``) tags a collection on Dask (``prefect deployment run
+lesa/tag-images -p checkpoint=... -p images='["s3://bucket/photos/"]' -p out=...``).
 
 Where the runs keep their data and extract features is the run config's ``storage.root`` and
 ``features.dask.address``, unless the serving process's environment sets ``LESA_STORAGE_ROOT``
@@ -32,6 +34,7 @@ from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from flows.ablation import ablation
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, warn_without_api
 from flows.full_pipeline import lesa
+from flows.tag import tag_images
 from flows.watch import watch_labels
 from tasks.events import LABELS_UPDATED_EVENT, RESOURCE_PREFIX
 from tasks.settings import environment_overrides
@@ -39,6 +42,7 @@ from tasks.settings import environment_overrides
 DEPLOYMENT_NAME = "full-pipeline"
 ABLATION_DEPLOYMENT_NAME = "ablation"
 WATCH_DEPLOYMENT_NAME = "poll"
+TAG_DEPLOYMENT_NAME = "tag-images"
 
 
 def labels_updated_trigger() -> DeploymentEventTrigger:
@@ -80,6 +84,13 @@ def build_deployments(
             parameters=parameters,
             concurrency_limit=1,
             description="LESA ablation: loss terms, M, normalisation, selection; seeds on Dask",
+            tags=["lesa"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+        tag_images.to_deployment(
+            name=TAG_DEPLOYMENT_NAME,
+            parameters={"config": config, "overrides": overrides or {}},
+            description="Tag every image under folders or s3:// prefixes on Dask (resumable)",
             tags=["lesa"],
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),

@@ -99,7 +99,7 @@ def predict(
     }
 
 
-def _at_least_one(text: str) -> int:
+def at_least_one(text: str) -> int:
     """argparse type of ``--top-k`` and ``--batch-size``: a whole number of at least 1."""
     try:
         value = int(text)
@@ -110,7 +110,7 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def _threshold(text: str) -> str:
+def threshold_argument(text: str) -> str:
     """argparse type of ``--threshold``: ``calibrated`` or a finite number."""
     try:
         return parse_threshold(text)
@@ -159,14 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--top-k",
-        type=_at_least_one,
+        type=at_least_one,
         default=None,
         help=f"labels per image (default {DEFAULT_TOP_K}); with --threshold, at most this many "
         "(default: no cap)",
     )
     parser.add_argument(
         "--threshold",
-        type=_threshold,
+        type=threshold_argument,
         metavar="calibrated|NUMBER",
         help="tag every label scoring at least a threshold: 'calibrated' uses the per-label "
         "thresholds that evaluation fitted on the run's validation split (labels without one, "
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch-size",
-        type=_at_least_one,
+        type=at_least_one,
         default=BACKBONE_BATCH,
         help=f"images per backbone pass (default {BACKBONE_BATCH})",
     )

@@ -174,9 +174,12 @@ class Tagger:
 
     def features(self, images: Sequence[ImageInput]) -> np.ndarray:
         """(B, R, D) float32 region features, rounded through the recipe's dtype."""
-        backbone = self.backbone
-        batch = torch.stack([backbone.preprocess(_decoded(image)) for image in images])
-        return region_features(backbone, batch).astype(self.recipe.dtype).astype(np.float32)
+        return self.region_features([self.backbone.preprocess(_decoded(i)) for i in images])
+
+    def region_features(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
+        """Features of images already through ``backbone.preprocess`` (which may reject one)."""
+        batch = torch.stack(list(inputs))
+        return region_features(self.backbone, batch).astype(self.recipe.dtype).astype(np.float32)
 
     def score_features(
         self,

@@ -278,7 +278,7 @@ def find_images(inputs: Sequence[str], storage: Storage) -> tuple[list[str], lis
     return list(dict.fromkeys(found)), skipped
 
 
-def _label_vectors(labels: Sequence[str], predictor: Predictor, storage: Storage) -> np.ndarray:
+def label_vectors(labels: Sequence[str], predictor: Predictor, storage: Storage) -> np.ndarray:
     """(C, d) word vectors of ``labels`` from the checkpoint's embedding source.
 
     Every label must be embeddable: a misspelt label would otherwise vanish from the output.
@@ -396,8 +396,8 @@ def predict_images(
     ``skipped`` lists inputs already dropped (e.g. by :func:`find_images`); the ones skipped here
     are added to it. This is where the request is checked.
     """
-    _check_request(labels, top_k, threshold, batch_size)
-    vectors = torch.from_numpy(_label_vectors(labels, predictor, storage))
+    check_request(labels, top_k, threshold, batch_size)
+    vectors = torch.from_numpy(label_vectors(labels, predictor, storage))
     backbone = backbone or load_backbone_for(predictor, storage)
     width = top_k or len(labels)
     scored = _score_images(
@@ -436,7 +436,7 @@ def predict_images(
     )
 
 
-def _check_request(
+def check_request(
     labels: Sequence[str],
     top_k: int | None,
     threshold: float | Thresholds | None,

@@ -7,9 +7,12 @@ from tasks.events import LABELS_UPDATED_EVENT
 
 
 def test_full_pipeline_deployment_has_the_trigger_and_no_schedule_by_default() -> None:
-    deployment, ablation = build_deployments(
+    deployment, ablation, tagging = build_deployments(
         config="configs/tiny.yaml", overrides={"train.steps": 3}
     )
+    assert (tagging.flow_name, tagging.name) == ("lesa", "tag-images")
+    assert tagging.entrypoint == "flows.tag.tag_images"
+    assert tagging.parameters == deployment.parameters
     assert (ablation.flow_name, ablation.name) == ("lesa", "ablation")
     assert ablation.entrypoint == "flows.ablation.ablation"
     assert ablation.parameters == deployment.parameters
@@ -26,7 +29,7 @@ def test_full_pipeline_deployment_has_the_trigger_and_no_schedule_by_default() -
 
 
 def test_cron_schedule_and_watcher_deployment_are_optional() -> None:
-    pipeline, _, watcher = build_deployments(cron="0 3 * * *", watch_every=300)
+    pipeline, _, _, watcher = build_deployments(cron="0 3 * * *", watch_every=300)
     assert pipeline.schedules[0].schedule.cron == "0 3 * * *"
     assert watcher.flow_name == "lesa-watch-labels"
     assert watcher.schedules[0].schedule.interval.total_seconds() == 300
