@@ -262,6 +262,8 @@ def input_files(config: PipelineConfig) -> dict[str, str]:
         for key in DATASET_INPUTS.get(dataset.source, ())
         if (value := getattr(dataset, key))
     }
+    for index, url in enumerate(getattr(dataset, "image_ids", [])):
+        found[f"dataset.image_ids[{index}]"] = url
     if config.features.weights not in (PRETRAINED, RANDOM):
         found["features.weights"] = config.features.weights
     for key, url in config.embeddings.source.input_files().items():

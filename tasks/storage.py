@@ -154,6 +154,10 @@ class StorageConfig(StrictModel):
     about ``attempts`` x this, with a :class:`StorageTimeoutError` naming the URL."""
     attempts: int = Field(2, ge=1)
     """Tries per call (botocore's standard retry mode: timeouts, throttling, 5xx)."""
+    anonymous: bool = False
+    """Reach ``s3://`` without credentials (unsigned requests), e.g. the public Open Images
+    bucket; no credential is read or sent. Writes then need a store that accepts them, so an
+    anonymous run usually keeps ``root`` local."""
 
     @model_validator(mode="before")
     @classmethod
@@ -162,6 +166,15 @@ class StorageConfig(StrictModel):
         if found:
             raise ValueError(f"{', '.join(found)}: {SECRETS_HELP}")
         return data
+
+    @model_validator(mode="after")
+    def _anonymous_without_credentials(self) -> StorageConfig:
+        if self.anonymous and self.credentials_block:
+            raise ValueError(
+                "storage.anonymous sends no credentials, so storage.credentials_block cannot "
+                "apply; set one or the other"
+            )
+        return self
 
 
 def _env_secret(name: str) -> SecretStr | None:
@@ -209,7 +222,10 @@ def block_credentials(name: str) -> dict[str, SecretStr]:
 
 
 def _credentials(config: StorageConfig) -> dict[str, SecretStr]:
-    """The S3 credentials: the named Secret block, else the AWS environment variables."""
+    """The S3 credentials: none when anonymous, the named Secret block, else the AWS
+    environment variables."""
+    if config.anonymous:
+        return {}
     if config.credentials_block:
         return block_credentials(config.credentials_block)
     found = {
@@ -355,7 +371,9 @@ class Storage:
                 "retries": {"mode": "standard", "total_max_attempts": self.config.attempts},
             },
         }
-        if "key" in self._credentials and "secret" in self._credentials:
+        if self.config.anonymous:
+            options["anon"] = True
+        elif "key" in self._credentials and "secret" in self._credentials:
             options.update(
                 {field: value.get_secret_value() for field, value in self._credentials.items()}
             )

@@ -16,6 +16,12 @@ Labels are the display names (the words that get embedded); a name shared by two
 trained on; test images keep both. Annotations of classes outside the vocabulary are ignored,
 and an image left with no annotation at all is dropped (it can neither train nor be scored).
 Image URIs are ``image_uri_template`` under ``images_prefix``, e.g. ``train/000a1249af2bc5f0.jpg``.
+
+At the source: ``images_prefix`` can be the public bucket itself (``s3://open-images-dataset``,
+laid out ``<split>/<ImageID>.jpg``) with ``storage.anonymous: true``; extraction then streams
+every image from S3 on the Dask workers, with no download step. The official image-id CSVs
+(``image_ids``) say which images exist and in which folder; labelled images they do not list
+are dropped.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
 _LABEL_COLUMNS = ("ImageID", "LabelName", "Confidence")
+_ID_COLUMNS = ("ImageID", "Subset")
 _OPEN_IMAGES_SPLIT: dict[str, str] = {"train": "train", "val": "validation", "test": "test"}
 
 
@@ -63,6 +70,12 @@ class OpenImagesConfig(StrictModel):
     image_uri_template: str = Field(
         "{split}/{image_id}.jpg",
         description="uri under images_prefix; {split} is train, validation or test",
+    )
+    image_ids: list[str] = Field(
+        default_factory=list,
+        description="the official image-id CSVs (ImageID, Subset, ...; e.g. "
+        "train-images-boxable-with-rotation.csv): only the images they list are used, from "
+        "the folder their Subset names; empty: every labelled image",
     )
 
 
@@ -189,6 +202,48 @@ def read_image_labels(storage: Storage, url: str, known: pd.Series) -> pd.DataFr
     return rows
 
 
+def read_image_ids(storage: Storage, url: str) -> pd.Series:
+    """ImageID -> Subset (train, validation, test) from one official image-id CSV."""
+    try:
+        with storage.open(url, "rb") as handle:
+            frame = pd.read_csv(
+                handle, dtype=str, keep_default_na=False, usecols=lambda c: c in _ID_COLUMNS
+            )
+    except FileNotFoundError as error:
+        raise DatasetError(f"missing image-id list: {url} does not exist") from error
+    except (ValueError, pd.errors.ParserError) as error:
+        raise DatasetError(f"image-id list {url} is malformed: {error}") from error
+    missing = [column for column in _ID_COLUMNS if column not in frame.columns]
+    if missing:
+        raise DatasetError(f"image-id list {url} lacks column(s) {missing} (ImageID,Subset,...)")
+    subsets = set(frame["Subset"]) - set(_OPEN_IMAGES_SPLIT.values())
+    if subsets:
+        raise DatasetError(f"image-id list {url}: unknown Subset values {sorted(subsets)[:5]}")
+    return frame.drop_duplicates("ImageID").set_index("ImageID")["Subset"]
+
+
+def _listed_images(labels: pd.DataFrame, reads: Storage, config: OpenImagesConfig) -> pd.DataFrame:
+    """Keep the images the image-id CSVs list, each under the folder of its Subset."""
+    if not config.image_ids:
+        return labels
+    subset = pd.concat([read_image_ids(reads, url) for url in config.image_ids])
+    subset = subset[~subset.index.duplicated()]
+    listed = labels["image_id"].isin(subset.index)
+    if not listed.all():
+        logger.info(
+            "open-images: %d labelled image(s) are not in the image-id lists; dropped, e.g. %s",
+            int((~listed).sum()),
+            labels.loc[~listed, "image_id"].head(3).tolist(),
+        )
+    kept = labels[listed].reset_index(drop=True)
+    folders = kept["image_id"].map(subset)
+    kept["uri"] = [
+        config.image_uri_template.format(split=folder, image_id=image_id)
+        for folder, image_id in zip(folders, kept["image_id"], strict=True)
+    ]
+    return kept
+
+
 def _split_table(
     rows: pd.DataFrame, split: Split, vocabulary: pd.DataFrame, config: OpenImagesConfig
 ) -> pd.DataFrame:
@@ -255,7 +310,7 @@ def prepare_openimages(config: OpenImagesConfig, storage: Storage) -> DatasetArt
         for split, url in sources
         if url is not None
     ]
-    labels = pd.concat(tables, ignore_index=True)
+    labels = _listed_images(pd.concat(tables, ignore_index=True), reads, config)
     duplicated = labels["image_id"].duplicated(keep=False)
     if duplicated.any():
         raise DatasetError(
