@@ -6,6 +6,8 @@ console and the UI show them as percentages, the way the paper reports them.
 
 from __future__ import annotations
 
+import base64
+import mimetypes
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,11 +21,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.evaluation import EvaluationResult
+from tasks.storage import Storage
 
 METRICS_ARTIFACT_KEY = "lesa-metrics"
 SUMMARY_ARTIFACT_KEY = "lesa-summary"
 REPORT_ARTIFACT_KEY = "lesa-report"
 ABLATION_ARTIFACT_KEY = "lesa-ablation"
+ATTENTION_ARTIFACT_KEY = "lesa-attention"
 
 MethodMetrics = Mapping[str, Mapping[str, Mapping[str, float]]]
 
@@ -117,6 +121,24 @@ def publish_run_artifacts(
         "checkpoint": evaluation.checkpoint_url,
         "reports": evaluation.report_urls,
     }
+
+
+def image_source(storage: Storage, url: str) -> str:
+    """The picture at ``url`` as a ``data:`` URI: the Prefect UI renders a Markdown image only
+    if the browser can fetch it, and it cannot open ``file://`` or unsigned ``s3://`` links."""
+    kind = mimetypes.guess_type(url)[0] or "image/png"
+    return f"data:{kind};base64,{base64.b64encode(storage.read_bytes(url)).decode('ascii')}"
+
+
+def publish_images(
+    storage: Storage, *, key: str, title: str, images: Mapping[str, str], description: str
+) -> None:
+    """One Markdown artifact showing pictures from storage (caption -> URL), e.g. attention
+    maps: what any flow attaches when its output is images."""
+    lines = [f"# {title}", ""]
+    for caption, url in images.items():
+        lines += [f"**{caption}**", "", f"![{caption}]({image_source(storage, url)})", ""]
+    create_markdown_artifact(key=key, markdown="\n".join(lines), description=description)
 
 
 def _slug(name: str) -> str:

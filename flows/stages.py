@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from flows.artifacts import ATTENTION_ARTIFACT_KEY, publish_images
 from tasks.config import PipelineConfig
 from tasks.datasets import prepare_dataset_task
 from tasks.embeddings import embed_labels_task
@@ -40,8 +41,9 @@ def evaluate_stage(
     checkpoint_url: str,
     baseline_checkpoints: Mapping[str, str],
 ) -> EvaluationResult:
-    """Score ``checkpoint_url`` (and the baselines' checkpoints) on the test split; report."""
-    return evaluate_checkpoint_task(
+    """Score ``checkpoint_url`` (and the baselines' checkpoints) on the test split; report,
+    and attach the attention grids of a few test images to the run."""
+    result = evaluate_checkpoint_task(
         cfg.evaluation,
         storage,
         inputs,
@@ -49,3 +51,12 @@ def evaluate_stage(
         checkpoint_url=checkpoint_url,
         baseline_checkpoints=baseline_checkpoints,
     )
+    if result.attention_urls:
+        publish_images(
+            storage,
+            key=ATTENTION_ARTIFACT_KEY,
+            title="Attention of test images (Figure 1; * = unseen label)",
+            images=result.attention_urls,
+            description=f"{cfg.run_name}: attention of a few test images",
+        )
+    return result

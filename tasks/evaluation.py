@@ -10,18 +10,27 @@ its box.
 
 from __future__ import annotations
 
+import io
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from lesa_common import StrictModel
-from lesa_model.attention import PointingGameResult, centre_crop_box, pointing_game
+from lesa_model.attention import (
+    PointingGameResult,
+    attention_grid_figure,
+    centre_crop_box,
+    pointing_game,
+)
 from lesa_model.backbones import resize_side
 from lesa_model.baselines import pool_regions
 from lesa_model.calibration import Thresholds, precision_recall_f1_at_threshold
@@ -32,11 +41,13 @@ from tasks import reports
 from tasks.baselines import BaselineName, BaselineTuning, load_eszsl, random_ranking
 from tasks.checkpoints import load_trained_model
 from tasks.feature_reader import FeatureBatches, FeatureStore
-from tasks.images import resolve_uri
+from tasks.images import ImageRejected, read_image, resolve_uri
 from tasks.retries import retrying_task
 from tasks.stage_inputs import StageInputs, split_source
 from tasks.storage import Storage
 from tasks.thresholds import calibrate
+
+logger = logging.getLogger(__name__)
 
 REPORTS_DIR = "reports"
 POINTING_BATCH = 64
@@ -61,6 +72,9 @@ class EvaluationConfig(StrictModel):
     batch_size: PositiveInt = SCORE_BATCH
     seed: int = 0
     pointing_pairs: int = Field(default=5000, ge=0)
+    attention_images: int = Field(default=4, ge=0)
+    """Test images drawn as the paper's Figure 1 (each one's top labels and the attention that
+    scored them) in the report and on the run (0 turns it off)."""
 
     def check_ks(self, num_unseen: int, dataset: str, num_seen: int | None = None) -> None:
         """Fail unless every K can be scored: ZSL ranks only the unseen labels, and validation
@@ -98,6 +112,8 @@ class EvaluationResult(BaseModel):
     pointing: dict[str, float | int] | None = None
     rejects: reports.RejectSummary | None = None
     """The images extraction could not use, by reason."""
+    attention_urls: dict[str, str] = Field(default_factory=dict)
+    """Figure-1 grids of a few test images: caption -> PNG URL."""
 
     def describe(self) -> list[str]:
         """Human-readable lines for the run summary."""
@@ -235,6 +251,59 @@ def pointing_for(
     )
 
 
+ATTENTION_LABELS = 3
+"""Labels per attention grid: each image's best-scored ones (GZSL)."""
+
+
+def attention_examples(
+    model: LESA,
+    inputs: StageInputs,
+    test: ZeroShotSplit,
+    storage: Storage,
+    *,
+    prefix: str,
+    count: int,
+) -> dict[str, str]:
+    """Figure-1 grids of the first ``count`` test images with features, written under
+    ``prefix/attention/``: each image's top labels (``*``: unseen) over seen and unseen ones,
+    each drawn with the attention of the module that scored it, over the centre crop the
+    backbone saw. Returns caption -> PNG URL."""
+    rows = inputs.tables.split("test")
+    rows = rows[rows["image_id"].isin(test.store.index.index)].head(count)
+    if rows.empty:
+        return {}
+    features = test.store.read(rows["image_id"].tolist())
+    _, weights = attention_for(model, features, test.vectors)
+    with torch.inference_mode():
+        vectors = torch.from_numpy(test.vectors)
+        scores = model(torch.as_tensor(features, dtype=torch.float32), vectors).scores.numpy()
+    image_size = inputs.features.identity.image_size
+    crop = image_size / resize_side(image_size)
+    urls = {}
+    for index, (image_id, uri) in enumerate(zip(rows["image_id"], rows["uri"], strict=True)):
+        try:
+            image = read_image(resolve_uri(str(uri), inputs.tables.images_prefix), storage)
+        except ImageRejected as error:
+            logger.warning("attention grid of %s left out: %s", image_id, error)
+            continue
+        best = np.argsort(-scores[index], kind="stable")[:ATTENTION_LABELS]
+        names = [test.names[c] + ("" if test.is_seen[c] else "*") for c in best]
+        figure = attention_grid_figure(
+            image,
+            names,
+            weights[index, best],
+            inputs.features.grid,
+            scores=[float(scores[index, c]) for c in best],
+            region_box=centre_crop_box(image.size, crop),
+        )
+        url = f"{prefix}/attention/{index:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id)}.png"
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=80)
+        storage.write_bytes(url, buffer.getvalue())
+        urls[f"{image_id}: {', '.join(names)}"] = url
+    return urls
+
+
 def evaluate_checkpoint(
     config: EvaluationConfig,
     storage: Storage,
@@ -268,6 +337,14 @@ def evaluate_checkpoint(
         model, inputs, test, storage, max_pairs=config.pointing_pairs, seed=config.seed
     )
     rejects = reports.reject_summary(storage, inputs.features.rejects_url)
+    attention = attention_examples(
+        model,
+        inputs,
+        test,
+        storage,
+        prefix=report_prefix(storage, run_name),
+        count=config.attention_images,
+    )
     artifacts = reports.write_report(
         metrics,
         label_ap=label_ap,
@@ -290,6 +367,7 @@ def evaluate_checkpoint(
         unseen_labels=test.unseen,
         pointing=None if pointing is None else reports.pointing_summary(pointing),
         rejects=rejects,
+        attention_urls=attention,
     )
 
 

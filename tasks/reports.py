@@ -256,26 +256,53 @@ def pointing_summary(result: PointingGameResult) -> dict[str, float | int]:
     }
 
 
-def best_worst_figure(label_ap: pd.DataFrame, count: int = BAR_LABELS) -> Figure:
-    """Horizontal bars: the ``count`` best and ``count`` worst labels by AP, coloured by split."""
-    ranked = label_ap.sort_values("ap", ascending=False, ignore_index=True)
-    title = "Labels by AP"
+def _shown_labels(rows: pd.DataFrame, count: int) -> tuple[pd.DataFrame, str]:
+    """The ``count`` best and ``count`` worst of one split (all when there are few)."""
+    ranked = rows.sort_values(["ap", "label"], ascending=[False, True], ignore_index=True)
     if len(ranked) > 2 * count:
-        ranked = pd.concat([ranked.head(count), ranked.tail(count)], ignore_index=True)
-        title = f"Best and worst {count} labels by AP"
-    colours = [SPLIT_COLOURS[split] for split in ranked["split"]]
-    figure = Figure(figsize=(7.0, 0.3 * len(ranked) + 1.5), layout="constrained")
-    axis = figure.subplots()
-    positions = np.arange(len(ranked))[::-1]
-    axis.barh(positions, 100 * ranked["ap"].to_numpy(dtype=float), color=colours)
-    axis.set_yticks(positions, [str(label) for label in ranked["label"]])
-    axis.set_xlabel("AP (%)")
-    axis.set_xlim(0, 100)
-    axis.set_title(title)
-    axis.legend(
-        handles=[Patch(color=colour, label=split) for split, colour in SPLIT_COLOURS.items()],
-        loc="lower right",
-    )
+        return pd.concat([ranked.head(count), ranked.tail(count)], ignore_index=True), (
+            f"best and worst {count} of {len(ranked)}"
+        )
+    return ranked, f"all {len(ranked)}"
+
+
+def best_worst_figure(label_ap: pd.DataFrame, count: int = BAR_LABELS) -> Figure:
+    """Horizontal bars of the best and worst labels by AP, one panel per split (seen, unseen).
+
+    Labels without a test positive are left out (their AP is 0 by convention, not a failure),
+    and the panel says how many; a bar whose AP equals another label's in its split is hatched
+    and its name marked ``=`` (ties: its order among them is alphabetical, not a ranking).
+    """
+    scored = label_ap[label_ap["positives"] > 0]
+    splits = [split for split in SPLIT_COLOURS if (scored["split"] == split).any()]
+    if not splits:
+        raise ReportError("no label has a test positive: nothing to rank by AP")
+    heights = [min(len(scored[scored["split"] == s]), 2 * count) for s in splits]
+    figure = Figure(figsize=(7.0 * len(splits), 0.3 * max(heights) + 1.8), layout="constrained")
+    for axis, split in zip(figure.subplots(1, len(splits), squeeze=False)[0], splits, strict=True):
+        rows = scored[scored["split"] == split]
+        shown, which = _shown_labels(rows, count)
+        tied = shown["ap"].map(rows["ap"].value_counts()).to_numpy() > 1
+        positions = np.arange(len(shown))[::-1]
+        bars = axis.barh(
+            positions, 100 * shown["ap"].to_numpy(dtype=float), color=SPLIT_COLOURS[split]
+        )
+        for bar, tie in zip(bars, tied, strict=True):
+            bar.set_hatch("//" if tie else None)
+        names = [
+            f"= {label}" if tie else str(label)
+            for label, tie in zip(shown["label"], tied, strict=True)
+        ]
+        axis.set_yticks(positions, names)
+        axis.set_xlabel("AP (%)")
+        axis.set_xlim(0, 100)
+        left_out = int(((label_ap["split"] == split) & (label_ap["positives"] == 0)).sum())
+        note = f"; {left_out} without a test positive left out" if left_out else ""
+        axis.set_title(f"{split} labels by AP: {which}{note}", fontsize="medium")
+        if tied.any():
+            axis.legend(
+                handles=[Patch(hatch="//", fill=False, label="= tied AP")], loc="lower right"
+            )
     return figure
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from flows import artifacts
 from flows.artifacts import (
@@ -15,6 +18,7 @@ from flows.artifacts import (
     publish_run_artifacts,
 )
 from tasks.evaluation import EvaluationResult
+from tasks.storage import Storage, StorageConfig
 
 REPORTS = {
     "metrics.json": "/data/runs/r1/reports/metrics.json",
@@ -80,3 +84,27 @@ def test_every_report_file_gets_a_link_the_ui_can_open(published: dict) -> None:
     assert links["labels-best-worst.png"]["link"] == REPORTS["labels-best-worst.png"]
     for key in published:
         assert re.fullmatch(r"[a-z0-9-]+", key), f"{key!r} is not a valid Prefect artifact key"
+
+
+def test_published_images_are_embedded_so_the_ui_renders_them(monkeypatch, tmp_path) -> None:
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda **kw: sent.append(kw))
+    storage = Storage(StorageConfig(root=str(tmp_path)))
+    pictures = {}
+    for index, colour in enumerate(("red", "blue")):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+        url = storage.url(f"{index}.png")
+        storage.write_bytes(url, buffer.getvalue())
+        pictures[f"img{index}: cat, fish*"] = url
+    artifacts.publish_images(
+        storage, key="lesa-attention", title="Attention", images=pictures, description="grids"
+    )
+    [artifact] = sent
+    assert artifact["key"] == "lesa-attention"
+    embedded = re.findall(
+        r"!\[([^\]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifact["markdown"]
+    )
+    assert [caption for caption, _ in embedded] == list(pictures)
+    for (_, data), url in zip(embedded, pictures.values(), strict=True):
+        assert base64.b64decode(data) == storage.read_bytes(url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 from pathlib import Path
 
@@ -155,6 +156,31 @@ def test_thresholds_are_fitted_on_validation_stored_with_the_checkpoint_and_repo
     Path(checkpoint).write_bytes(Path(checkpoint).read_bytes() + b"retrained")
     with pytest.raises(ThresholdsError, match="evaluate the run again"):
         read_thresholds(inputs.storage, checkpoint)
+
+
+def test_attention_grids_of_a_few_test_images_are_written(trained: tuple[Synthetic, str]) -> None:
+    inputs, checkpoint = trained
+    storage = inputs.storage
+    test = inputs.tables.split("test")
+    Path(storage.url("images")).mkdir()
+    for image_id in test["image_id"][:2]:  # the others are unreadable: left out, not fatal
+        Image.new("RGB", (IMAGE, IMAGE)).save(Path(storage.url("images", f"{image_id}.jpg")))
+    tables = DatasetTables(
+        "synthetic", inputs.tables.labels, inputs.tables.vocabulary, storage.url("images")
+    )
+    config = EvaluationConfig(ks=[2], baselines=[], pointing_pairs=0, attention_images=3)
+    result = evaluate(inputs.with_tables(tables), checkpoint, config=config)
+    assert len(result.attention_urls) == 2
+    labels = SEEN + UNSEEN
+    ids, output = model_output(inputs, checkpoint, labels)
+    for (caption, url), image_id in zip(
+        result.attention_urls.items(), test["image_id"], strict=False
+    ):
+        best = np.argsort(-output.scores.numpy()[ids.index(image_id)], kind="stable")[:3]
+        names = [labels[c] + ("" if labels[c] in SEEN else "*") for c in best]
+        assert caption == f"{image_id}: {', '.join(names)}"
+        png = Image.open(io.BytesIO(storage.read_bytes(url)))
+        assert png.format == "PNG" and png.size[0] > 200
 
 
 def test_report_files_and_summary(trained: tuple[Synthetic, str]) -> None:

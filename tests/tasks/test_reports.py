@@ -124,30 +124,51 @@ def test_write_report_writes_files_with_the_numbers(tmp_path) -> None:
         assert png.format == "PNG" and png.size[0] > 100
 
 
-def test_bar_chart_shows_the_ten_best_and_ten_worst_labels_by_split() -> None:
+def _bars(axis) -> list[tuple[str, object]]:
+    """(tick label, bar) top to bottom."""
+    ticks = sorted(zip(axis.get_yticks(), axis.get_yticklabels(), strict=True), key=lambda t: -t[0])
+    bars = {bar.get_y() + bar.get_height() / 2: bar for bar in axis.patches}
+    return [(label.get_text(), bars[position]) for position, label in ticks]
+
+
+def test_bar_chart_ranks_seen_and_unseen_apart_without_labels_lacking_positives() -> None:
     rng = np.random.default_rng(4)
     label_ap = pd.DataFrame(
         {
-            "label": [f"l{i:02d}" for i in range(30)],
-            "split": ["unseen" if i % 3 == 0 else "seen" for i in range(30)],
-            "ap": rng.permutation(np.linspace(0.01, 0.9, 30)),
-            "positives": 5,
+            "label": [f"l{i:02d}" for i in range(40)],
+            "split": ["unseen" if i % 4 == 0 else "seen" for i in range(40)],
+            "ap": rng.permutation(np.linspace(0.01, 0.9, 40)),
+            "positives": [0 if i in (1, 4) else 5 for i in range(40)],
         }
     )
-    axis = best_worst_figure(label_ap).axes[0]
-    top_down = sorted(
-        zip(axis.get_yticks(), axis.get_yticklabels(), strict=True), key=lambda tick: -tick[0]
+    seen_axis, unseen_axis = best_worst_figure(label_ap).axes
+    for axis, split in ((seen_axis, "seen"), (unseen_axis, "unseen")):
+        rows = label_ap[(label_ap["split"] == split) & (label_ap["positives"] > 0)]
+        ranked = rows.sort_values("ap", ascending=False)["label"].tolist()
+        shown = _bars(axis)
+        expected = ranked[:10] + ranked[-10:] if len(ranked) > 20 else ranked
+        assert [name for name, _ in shown] == expected
+        by_label = label_ap.set_index("label")
+        for name, bar in shown:
+            assert bar.get_width() == pytest.approx(100 * by_label.loc[name, "ap"])
+            assert bar.get_facecolor() == pytest.approx(to_rgba(SPLIT_COLOURS[split]))
+        assert "1 without a test positive left out" in axis.get_title()
+
+
+def test_bar_chart_marks_tied_labels() -> None:
+    label_ap = pd.DataFrame(
+        {
+            "label": ["a", "b", "c", "d"],
+            "split": ["seen", "seen", "seen", "unseen"],
+            "ap": [0.5, 0.5, 0.2, 0.3],
+            "positives": [3, 2, 1, 4],
+        }
     )
-    shown = [label.get_text() for _, label in top_down]
-    ranked = label_ap.sort_values("ap", ascending=False)["label"].tolist()
-    assert shown == ranked[:10] + ranked[-10:]
-    by_label = label_ap.set_index("label")
-    bars = {bar.get_y() + bar.get_height() / 2: bar for bar in axis.patches}
-    for position, label in top_down:
-        bar = bars[position]
-        assert bar.get_width() == pytest.approx(100 * by_label.loc[label.get_text(), "ap"])
-        colour = SPLIT_COLOURS[by_label.loc[label.get_text(), "split"]]
-        assert bar.get_facecolor() == pytest.approx(to_rgba(colour))
+    seen_axis, unseen_axis = best_worst_figure(label_ap).axes
+    shown = _bars(seen_axis)
+    assert [name for name, _ in shown] == ["= a", "= b", "c"]
+    assert [bar.get_hatch() for _, bar in shown] == ["//", "//", None]
+    assert [name for name, _ in _bars(unseen_axis)] == ["d"]
 
 
 def test_report_markdown_for_artifact_has_no_image_links() -> None:
