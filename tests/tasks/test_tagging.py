@@ -105,3 +105,25 @@ def test_a_threshold_is_another_request_and_tags_every_label_above_it(collection
     assert tags.groupby("image").size().tolist() == [len(LABELS)] * 4
     none = _run(collection, storage, top_k=None, threshold="1e9")
     assert none.tagged_now == 5 and none.tags == 0
+
+
+def test_an_s3_prefix_is_tagged_into_s3_and_a_rerun_reuses_it(collection, s3_storage) -> None:
+    prefix = s3_storage.url("photos")
+    for name in ("a.png", "sub/c.png"):
+        s3_storage.write_bytes(f"{prefix}/{name}", (collection["images"] / name).read_bytes())
+    s3_storage.write_bytes(f"{prefix}/notes.txt", b"not an image")
+    out = s3_storage.url("tags")
+    checkpoint = s3_storage.url("best.pt")
+    s3_storage.upload_file(collection["checkpoint"], checkpoint)
+    options = {"labels": LABELS, "top_k": 1, "shard_size": 1, "dask": THREADS}
+    first = tag_images(checkpoint, [prefix], out, s3_storage, **options)
+    assert (first.images, first.tagged_now, first.rejected) == (2, 2, 0)
+    tags = s3_storage.read_parquet(first.tags_url)
+    assert sorted(tags["image"]) == [f"{prefix}/a.png", f"{prefix}/sub/c.png"]
+    local = _run(collection, Storage(StorageConfig(root=str(collection["root"] / "s"))), top_k=1)
+    local_tags = Storage().read_parquet(local.tags_url).set_index("image")
+    for image, score in zip(tags["image"], tags["score"], strict=True):
+        name = image.removeprefix(f"{prefix}/")
+        assert score == local_tags.loc[str(collection["images"] / name), "score"]
+    again = tag_images(checkpoint, [prefix], out, s3_storage, **options)
+    assert (again.tagged_now, again.reused) == (0, 2)
