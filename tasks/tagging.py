@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -57,6 +58,9 @@ from tasks.versions import ABSENT, file_version, stamps
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
+READ_THREADS = 8
+"""Images read and decoded at once on a worker: reads from S3 wait on the network, and
+Pillow's decoding releases the GIL."""
 DEFAULT_SHARD_SIZE = 256
 PARTS_DIR = "parts"
 TAGS_FILE = "tags.parquet"
@@ -371,15 +375,24 @@ def tag_shard(shard: TagShard, request: TagRequest, storage: Storage, prefix: st
     """Tag one shard and write its part (tags first, the images file last); returns the
     number of images tagged."""
     tagger = _tagger(request, storage)
-    kept, inputs, rows = [], [], []
-    for image, version in zip(shard.images, shard.versions, strict=True):
+    backbone = tagger.backbone
+
+    def prepared(image: str) -> torch.Tensor | ImageRejected:
         try:
-            inputs.append(tagger.backbone.preprocess(read_image(image, storage)))
+            return backbone.preprocess(read_image(image, storage))
         except ImageRejected as error:
-            rows.append((image, version, "rejected", error.reason, error.detail))
-            continue
-        kept.append((image, version))
-        rows.append((image, version, "tagged", "", ""))
+            return error
+
+    kept, inputs, rows = [], [], []
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        decoded = pool.map(prepared, shard.images)
+        for image, version, result in zip(shard.images, shard.versions, decoded, strict=True):
+            if isinstance(result, ImageRejected):
+                rows.append((image, version, "rejected", result.reason, result.detail))
+                continue
+            inputs.append(result)
+            kept.append((image, version))
+            rows.append((image, version, "tagged", "", ""))
     tags = [_empty_tags()]
     for start in range(0, len(kept), request.batch_size):
         batch = kept[start : start + request.batch_size]
