@@ -1,7 +1,8 @@
 """Export a run's checkpoint as a portable one (:mod:`lesa_model.portable`).
 
 What the card needs beyond the weights comes from the pipeline's stores: the word vectors of
-the checkpoint's labels (embedded with its own embedding source, as prediction embeds them),
+the checkpoint's labels (embedded with its own embedding source from their names, exactly as
+``flows.predict`` embeds them, so both score alike),
 the calibrated thresholds kept beside the checkpoint (when evaluation fitted them for this very
 file), the run's last evaluation metrics, and the code version. The result loads with
 :meth:`lesa_model.Tagger.from_checkpoint` without this package.
@@ -18,8 +19,8 @@ from typing import Any
 
 from lesa_model.portable import CARD_FILE, WEIGHTS_FILE, save_portable
 from tasks.checkpoints import CheckpointMetadata, load_trained_model
-from tasks.embeddings import EmbeddingConfig, embed_words
 from tasks.evaluation import report_prefix
+from tasks.prediction import Predictor, label_vectors
 from tasks.reports import LESA_METHOD, METRICS_FILE
 from tasks.storage import Storage
 from tasks.thresholds import ThresholdsError, read_thresholds
@@ -78,11 +79,11 @@ def export_checkpoint(checkpoint_url: str, out: str, storage: Storage) -> str:
     if meta.baseline == "eszsl":
         raise ExportError(f"{checkpoint_url} holds an ESZSL map, not a LESA model")
     labels = meta.known_labels
-    config = EmbeddingConfig(source=meta.embedding_source, oov="fail", cache=False)
-    vectors = embed_words(labels, config, storage).vectors(labels)
+    vectors = label_vectors(labels, Predictor(model, meta, checkpoint_url), storage)
     seen = set(meta.seen_labels)
     extra = {
         "embedding_source": meta.embedding_source.model_dump(mode="json"),
+        "label_text": meta.label_text,
         "thresholds": _thresholds(storage, checkpoint_url),
         "metrics": _metrics(storage, meta),
         "code_version": code_version(),
