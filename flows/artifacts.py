@@ -18,6 +18,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from tasks.evaluation import EvaluationResult
@@ -67,7 +68,11 @@ def print_metrics(metrics: MethodMetrics, *, title: str, console: Console | None
     for row in rows:
         cells = ["-" if row[name] is None else f"{row[name]:.2f}" for name in names]
         table.add_row(row["method"], row["setting"], *cells)
-    (console or Console()).print(table)
+    console = console or Console()
+    # Never narrower than the table: rich would cut the numbers to "6.…" (a log, a pipe, CI).
+    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    console.width = max(console.width, needed)
+    console.print(table)
 
 
 def print_run(result: Mapping[str, Any], *, title: str) -> None:

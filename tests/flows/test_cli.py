@@ -200,3 +200,14 @@ def test_run_command_shows_the_result_or_says_what_stopped_it(
     assert run_command(broken, failure="the ablation failed", show=shown.append) == 1
     assert "error: the ablation failed: ValueError: no shards" in capsys.readouterr().err
     assert len(shown) == 1
+
+
+def test_a_wide_table_is_printed_whole_on_a_narrow_console() -> None:
+    """With threshold columns the table outgrew 80 columns and a log showed "6.…" for 6.04."""
+    names = ["mAP", *(f"{m}@{k}" for k in (3, 5, "thr") for m in ("P", "R", "F1"))]
+    wide = {"LESA": {"zsl": dict.fromkeys(names, 0.0604), "gzsl": dict.fromkeys(names, 0.4039)}}
+    console = Console(record=True, width=60)
+    print_metrics(wide, title="run x", console=console)
+    text = console.export_text()
+    assert "…" not in text
+    assert text.count("6.04") == len(names) and text.count("40.39") == len(names)
