@@ -51,7 +51,7 @@ def ablation(config: str = DEFAULT_CONFIG, overrides: dict[str, Any] | None = No
     urls = write_ablation_report(results, storage, run_name=cfg.run_name)
     summary = summarise(results)
     markdown = ablation_markdown(summary, run_name=cfg.run_name)
-    publish_ablation_artifacts(cfg.run_name, summary, markdown, urls)
+    publish_ablation_artifacts(cfg.run_name, summary, markdown, urls, storage)
     return {
         "run_name": cfg.run_name,
         "summary": summary.to_dict(orient="records"),

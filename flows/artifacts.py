@@ -2,6 +2,14 @@
 
 Metrics arrive as ``{method: {"zsl": {...}, "gzsl": {...}}}`` with fractions in [0, 1]; both the
 console and the UI show them as percentages, the way the paper reports them.
+
+The Prefect UI renders a Markdown artifact's images as ``<img src=...>`` with the link as
+written, so a picture shows only if the browser can fetch it: an ``s3://`` object is shown by a
+presigned HTTP URL (valid for ``storage.presign_expiry_s``; the S3 endpoint, or
+``storage.public_endpoint_url``, must be reachable from the browser), a local picture up to
+:data:`INLINE_IMAGE_BYTES` is embedded as a ``data:`` URI (a browser does not open ``file://``
+links from a web page). Other local files are named by their ``file://`` URL, to open on the
+machine that holds them.
 """
 
 from __future__ import annotations
@@ -22,13 +30,17 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from tasks.evaluation import EvaluationResult
-from tasks.storage import Storage
+from tasks.reports import PLOT_CAPTIONS
+from tasks.storage import Storage, is_local
 
 METRICS_ARTIFACT_KEY = "lesa-metrics"
 SUMMARY_ARTIFACT_KEY = "lesa-summary"
 REPORT_ARTIFACT_KEY = "lesa-report"
 ABLATION_ARTIFACT_KEY = "lesa-ablation"
 ATTENTION_ARTIFACT_KEY = "lesa-attention"
+
+INLINE_IMAGE_BYTES = 2 * 1024 * 1024
+"""Local pictures up to this size are embedded in the artifact (a report's plots are ~50 kB)."""
 
 MethodMetrics = Mapping[str, Mapping[str, Mapping[str, float]]]
 
@@ -83,56 +95,34 @@ def print_run(result: Mapping[str, Any], *, title: str) -> None:
         console.print(line, markup=False)
 
 
-def publish_run_artifacts(
-    run_name: str, evaluation: EvaluationResult, summary_lines: Sequence[str]
-) -> dict[str, Any]:
-    """Attach the metrics table, a Markdown summary, the report and links to its files; return
-    the run's result as the flows return it (metrics, summary, checkpoint, report files)."""
-    create_table_artifact(
-        key=METRICS_ARTIFACT_KEY,
-        table=metrics_rows(evaluation.metrics),
-        description=f"ZSL / GZSL metrics (%) of run {run_name}",
-    )
-    markdown = "\n".join(
-        [
-            f"# LESA run `{run_name}`",
-            "",
-            *summary_lines,
-            "",
-            "## Reports",
-            "",
-            *(f"- {name}: `{url}`" for name, url in evaluation.report_urls.items()),
-        ]
-    )
-    create_markdown_artifact(
-        key=SUMMARY_ARTIFACT_KEY, markdown=markdown, description=f"Summary of run {run_name}"
-    )
-    create_markdown_artifact(
-        key=REPORT_ARTIFACT_KEY,
-        markdown=evaluation.report_markdown,
-        description=f"Report of run {run_name}",
-    )
-    for name, url in evaluation.report_urls.items():
-        create_link_artifact(
-            key=f"{REPORT_ARTIFACT_KEY}-{_slug(name)}",
-            link=_as_link(url),
-            link_text=name,
-            description=f"{run_name}: {name}",
-        )
-    return {
-        "run_name": run_name,
-        "metrics": evaluation.metrics,
-        "summary": list(summary_lines),
-        "checkpoint": evaluation.checkpoint_url,
-        "reports": evaluation.report_urls,
-    }
+def browser_link(storage: Storage, url: str) -> str | None:
+    """A URL a browser opens from the Prefect UI: ``s3://`` objects presigned, ``http(s)``
+    as they are; None for a local file (no web page may open it)."""
+    if is_local(url):
+        return None
+    if url.startswith(("s3://", "s3a://")):
+        return storage.presign(url)
+    return url
 
 
 def image_source(storage: Storage, url: str) -> str:
-    """The picture at ``url`` as a ``data:`` URI: the Prefect UI renders a Markdown image only
-    if the browser can fetch it, and it cannot open ``file://`` or unsigned ``s3://`` links."""
+    """What a Markdown image should point at so the UI shows it: a browser link, else the
+    picture itself as a ``data:`` URI when small enough, else its ``file://`` URL."""
+    link = browser_link(storage, url)
+    if link is not None:
+        return link
+    if storage.size(url) > INLINE_IMAGE_BYTES:
+        return _file_link(url)
     kind = mimetypes.guess_type(url)[0] or "image/png"
     return f"data:{kind};base64,{base64.b64encode(storage.read_bytes(url)).decode('ascii')}"
+
+
+def images_markdown(storage: Storage, images: Mapping[str, str]) -> list[str]:
+    """Markdown lines showing each picture (caption -> storage URL) in the Prefect UI."""
+    lines = []
+    for caption, url in images.items():
+        lines += [f"**{caption}**", "", f"![{caption}]({image_source(storage, url)})", ""]
+    return lines
 
 
 def publish_images(
@@ -140,10 +130,86 @@ def publish_images(
 ) -> None:
     """One Markdown artifact showing pictures from storage (caption -> URL), e.g. attention
     maps: what any flow attaches when its output is images."""
-    lines = [f"# {title}", ""]
-    for caption, url in images.items():
-        lines += [f"**{caption}**", "", f"![{caption}]({image_source(storage, url)})", ""]
-    create_markdown_artifact(key=key, markdown="\n".join(lines), description=description)
+    create_markdown_artifact(
+        key=key,
+        markdown="\n".join([f"# {title}", "", *images_markdown(storage, images)]),
+        description=description,
+    )
+
+
+def _file_lines(storage: Storage, urls: Mapping[str, str]) -> list[str]:
+    """One Markdown list item per file: a link the browser opens, else the file's URL."""
+    lines = []
+    for name, url in urls.items():
+        link = browser_link(storage, url)
+        lines.append(f"- [{name}]({link})" if link else f"- {name}: `{_file_link(url)}`")
+    return lines
+
+
+def _expiry_note(storage: Storage, urls: Mapping[str, str]) -> list[str]:
+    if all(is_local(url) for url in urls.values()):
+        return []
+    hours = storage.config.presign_expiry_s / 3600
+    return ["", f"_Links are presigned and expire {hours:g} h after the run published them._"]
+
+
+def publish_run_artifacts(
+    run_name: str,
+    evaluation: EvaluationResult,
+    summary_lines: Sequence[str],
+    storage: Storage,
+) -> dict[str, Any]:
+    """Attach the metrics table, a Markdown summary, the report with its plots shown, and links
+    to its files; return the run's result as the flows return it (metrics, summary,
+    checkpoint, report files)."""
+    create_table_artifact(
+        key=METRICS_ARTIFACT_KEY,
+        table=metrics_rows(evaluation.metrics),
+        description=f"ZSL / GZSL metrics (%) of run {run_name}",
+    )
+    files = evaluation.report_urls
+    markdown = [
+        f"# LESA run `{run_name}`",
+        "",
+        *summary_lines,
+        "",
+        "## Reports",
+        "",
+        *_file_lines(storage, files),
+        *_expiry_note(storage, files),
+    ]
+    create_markdown_artifact(
+        key=SUMMARY_ARTIFACT_KEY,
+        markdown="\n".join(markdown),
+        description=f"Summary of run {run_name}",
+    )
+    plots = {caption: files[name] for name, caption in PLOT_CAPTIONS.items() if name in files}
+    create_markdown_artifact(
+        key=REPORT_ARTIFACT_KEY,
+        markdown="\n".join(
+            [evaluation.report_markdown, "## Plots", "", *images_markdown(storage, plots)]
+        ),
+        description=f"Report of run {run_name}",
+    )
+    _publish_links(storage, REPORT_ARTIFACT_KEY, files, f"{run_name}: ")
+    return {
+        "run_name": run_name,
+        "metrics": evaluation.metrics,
+        "summary": list(summary_lines),
+        "checkpoint": evaluation.checkpoint_url,
+        "reports": files,
+    }
+
+
+def _publish_links(storage: Storage, key: str, urls: Mapping[str, str], prefix: str) -> None:
+    """One link artifact per file, keyed ``<key>-<file>``."""
+    for name, url in urls.items():
+        create_link_artifact(
+            key=f"{key}-{_slug(name)}",
+            link=browser_link(storage, url) or _file_link(url),
+            link_text=name,
+            description=f"{prefix}{name}",
+        )
 
 
 def _slug(name: str) -> str:
@@ -151,13 +217,17 @@ def _slug(name: str) -> str:
     return "".join(char if char.isalnum() else "-" for char in name.lower()).strip("-")
 
 
-def _as_link(url: str) -> str:
-    """Local paths become ``file://`` URLs so the UI renders them as links."""
+def _file_link(url: str) -> str:
+    """A local path as a ``file://`` URL (opens on the machine holding it, not from the UI)."""
     return f"file://{url}" if url.startswith("/") else url
 
 
 def publish_ablation_artifacts(
-    run_name: str, summary: pd.DataFrame, markdown: str, report_urls: Mapping[str, str]
+    run_name: str,
+    summary: pd.DataFrame,
+    markdown: str,
+    report_urls: Mapping[str, str],
+    storage: Storage,
 ) -> None:
     """Attach the ablation: its summary table, the Markdown report with the plot, file links."""
     create_table_artifact(
@@ -170,16 +240,10 @@ def publish_ablation_artifacts(
         description=f"Ablation of run {run_name}: mean and std over seeds (%)",
     )  # fmt: skip
     plot = report_urls.get("ablation.png")
-    figure = [f"![ZSL against GZSL mAP per variant]({_as_link(plot)})", ""] if plot else []
+    figure = images_markdown(storage, {"ZSL against GZSL mAP per variant": plot}) if plot else []
     create_markdown_artifact(
         key=ABLATION_ARTIFACT_KEY,
         markdown="\n".join([markdown, *figure]),
         description=f"Ablation of run {run_name}",
     )
-    for name, url in report_urls.items():
-        create_link_artifact(
-            key=f"{ABLATION_ARTIFACT_KEY}-{_slug(name)}",
-            link=_as_link(url),
-            link_text=name,
-            description=f"{run_name} ablation: {name}",
-        )
+    _publish_links(storage, ABLATION_ARTIFACT_KEY, report_urls, f"{run_name} ablation: ")

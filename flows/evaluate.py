@@ -64,7 +64,9 @@ def evaluate(
         checkpoint_url=url,
         baseline_checkpoints=baselines,
     )
-    return publish_run_artifacts(cfg.run_name, result, [f"- {line}" for line in result.describe()])
+    return publish_run_artifacts(
+        cfg.run_name, result, [f"- {line}" for line in result.describe()], storage
+    )
 
 
 def _baseline_checkpoints(

@@ -94,7 +94,7 @@ def lesa(
     lines = summary_lines(training, evaluation, labels_update)
     for line in lines:
         logger.info(line.removeprefix("- "))
-    result = publish_run_artifacts(cfg.run_name, evaluation, lines)
+    result = publish_run_artifacts(cfg.run_name, evaluation, lines, storage)
     return {**result, "retrained": not training.reused}
 
 

@@ -31,6 +31,11 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 LABELS_PLOT_FILE = "labels-best-worst.png"
 TOPK_PLOT_FILE = "prf-vs-k.png"
+PLOT_CAPTIONS = {
+    LABELS_PLOT_FILE: "Best and worst labels by AP",
+    TOPK_PLOT_FILE: "Precision, recall and F1 against K",
+}
+"""Each plot file's caption, in report.md and in the UI's report artifact."""
 
 LESA_METHOD = "LESA"
 CURVE_KS: tuple[int, ...] = tuple(range(1, 21))
@@ -236,10 +241,7 @@ def write_report(
         label_ap=label_ap,
         pointing=pointing,
         rejects=rejects,
-        plots={
-            "Best and worst labels by AP": LABELS_PLOT_FILE,
-            "Precision, recall and F1 against K": TOPK_PLOT_FILE,
-        },
+        plots={caption: name for name, caption in PLOT_CAPTIONS.items()},
     )
     report_url = f"{base}/{REPORT_FILE}"
     storage.write_bytes(report_url, markdown.encode("utf-8"))

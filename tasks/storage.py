@@ -27,10 +27,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import boto3
 import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.config import Config as BotoConfig
 from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback, TqdmCallback
 from fsspec.core import split_protocol
@@ -43,6 +45,7 @@ from lesa_common import StrictModel
 _CHUNK = 8 * 1024 * 1024
 _PROGRESS_BYTES = 64 * 1024 * 1024
 _TMP_MARKER = ".tmp-"
+PRESIGN_MAX_S = 7 * 24 * 3600
 
 
 class StorageError(ValueError):
@@ -158,6 +161,13 @@ class StorageConfig(StrictModel):
     """Reach ``s3://`` without credentials (unsigned requests), e.g. the public Open Images
     bucket; no credential is read or sent. Writes then need a store that accepts them, so an
     anonymous run usually keeps ``root`` local."""
+    presign_expiry_s: int = Field(PRESIGN_MAX_S, gt=0, le=PRESIGN_MAX_S)
+    """How long the presigned links the Prefect UI shows (report plots, files) stay valid; at
+    most 7 days, S3's limit for a signature."""
+    public_endpoint_url: str | None = None
+    """The S3 endpoint as a browser reaches it, for presigned links (default: the endpoint the
+    flows use; set it when they reach S3 by an address the browser cannot, e.g. a compose
+    service name)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -378,6 +388,38 @@ class Storage:
                 {field: value.get_secret_value() for field, value in self._credentials.items()}
             )
         return options
+
+    def presign(self, url: str) -> str:
+        """An HTTP URL that downloads the S3 object ``url`` without credentials, valid for
+        ``storage.presign_expiry_s`` (signed offline: no request is made).
+
+        Raises:
+            ValueError: ``url`` is not an ``s3://`` URL.
+        """
+        if _protocol(url) not in ("s3", "s3a"):
+            raise ValueError(f"only s3:// objects can be presigned, not {url}")
+        bucket, _, key = str(url).split("://", 1)[1].partition("/")
+        secrets = {
+            option: self._credentials[field].get_secret_value()
+            for field, option in (
+                ("key", "aws_access_key_id"),
+                ("secret", "aws_secret_access_key"),
+                ("token", "aws_session_token"),
+            )
+            if field in self._credentials
+        }
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.config.public_endpoint_url or self._endpoint_url,
+            region_name=self._region,
+            config=BotoConfig(signature_version="s3v4"),
+            **secrets,
+        )
+        return client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": bucket, "Key": key},
+            ExpiresIn=self.config.presign_expiry_s,
+        )
 
     def _resolve(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         url = str(url)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,6 +191,11 @@ def test_deployment_run_on_s3_completes_with_metrics_artifact(
     settings = {(row["method"], row["setting"]) for row in rows}
     assert {("LESA", "ZSL"), ("LESA", "GZSL"), ("random", "ZSL")} <= settings
     assert all(0 <= row["mAP"] <= 100 for row in rows)
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", artifacts["lesa-report"]["data"])
+    assert len(pictures) == 2, "both plots are shown in the report artifact"
+    for url in pictures:
+        assert url.startswith(services.env["AWS_ENDPOINT_URL"] + "/"), url
+        assert httpx.get(url).raise_for_status().content.startswith(b"\x89PNG")
 
     bucket, prefix = services.root.removeprefix("s3://").split("/", 1)
     s3 = boto3.client("s3", endpoint_url=services.env["AWS_ENDPOINT_URL"])
