@@ -6,7 +6,9 @@
 
 The dataset, features and label embeddings of the config are reused (computed if missing); the
 checkpoint must have been trained on the same features and word vectors (its metadata says).
-Labels added to the vocabulary since training are scored zero-shot.
+Labels added to the vocabulary since training are scored zero-shot. The report goes to its own
+folder, ``runs/<run>/evaluations/<checkpoint sha256[:16]>-<dataset version>/``, never over the
+pipeline run's ``runs/<run>/reports/``; it names the checkpoint, dataset and code versions.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, run_
 from flows.stages import evaluate_stage, prepare_inputs
 from tasks.checkpoints import CHECKPOINT_NAMES, checkpoint_url
 from tasks.config import Overrides, PipelineConfig, check_input_files, load_config
+from tasks.evaluation import evaluation_prefix
+from tasks.provenance import checkpoint_sha256
 from tasks.storage import Storage
 
 
@@ -57,12 +61,17 @@ def evaluate(
         }
     )
     evaluated = cfg.model_copy(update={"evaluation": evaluation_cfg})
+    inputs = prepare_inputs(cfg, storage)
+    prefix = evaluation_prefix(
+        storage, cfg.run_name, checkpoint_sha256(storage, url), inputs.tables.version
+    )
     result = evaluate_stage(
         evaluated,
         storage,
-        prepare_inputs(cfg, storage),
+        inputs,
         checkpoint_url=url,
         baseline_checkpoints=baselines,
+        prefix=prefix,
     )
     return publish_run_artifacts(
         cfg.run_name, result, [f"- {line}" for line in result.describe()], storage
@@ -97,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=(
             "Evaluate a trained LESA checkpoint on the test split of a run config: ZSL and GZSL "
             "mAP and P/R/F1@K printed as a table and written as a report (metrics.json, "
-            "report.md, PNG plots) under runs/<run>/reports/."
+            "report.md, PNG plots) under runs/<run>/evaluations/<checkpoint>-<data version>/ "
+            "(the pipeline run's own report is left as it is)."
         ),
     )
     add_config_arguments(parser)

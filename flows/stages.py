@@ -40,9 +40,12 @@ def evaluate_stage(
     *,
     checkpoint_url: str,
     baseline_checkpoints: Mapping[str, str],
+    prefix: str | None = None,
+    model_version: str | None = None,
 ) -> EvaluationResult:
-    """Score ``checkpoint_url`` (and the baselines' checkpoints) on the test split; report,
-    and attach the attention grids of a few test images to the run."""
+    """Score ``checkpoint_url`` (and the baselines' checkpoints) on the test split; report
+    under ``prefix`` (default: the run's own report folder), and attach the attention grids of
+    a few test images to the run."""
     result = evaluate_checkpoint_task(
         cfg.evaluation,
         storage,
@@ -50,6 +53,8 @@ def evaluate_stage(
         run_name=cfg.run_name,
         checkpoint_url=checkpoint_url,
         baseline_checkpoints=baseline_checkpoints,
+        prefix=prefix,
+        model_version=model_version,
     )
     if result.attention_urls:
         publish_images(

@@ -39,9 +39,10 @@ from lesa_model.metrics import evaluate_zero_shot
 from lesa_model.model import LESA
 from tasks import reports
 from tasks.baselines import BaselineName, BaselineTuning, load_eszsl, random_ranking
-from tasks.checkpoints import load_trained_model
+from tasks.checkpoints import CheckpointMetadata, load_trained_model
 from tasks.feature_reader import FeatureBatches, FeatureStore
 from tasks.images import ImageRejected, read_image, resolve_uri
+from tasks.provenance import Provenance, checkpoint_sha256, code_version
 from tasks.retries import retrying_task
 from tasks.stage_inputs import StageInputs, split_source
 from tasks.storage import Storage
@@ -50,6 +51,7 @@ from tasks.thresholds import calibrate
 logger = logging.getLogger(__name__)
 
 REPORTS_DIR = "reports"
+EVALUATIONS_DIR = "evaluations"
 POINTING_BATCH = 64
 """Images whose attention over every label is computed at once for the pointing game: smaller
 than ``evaluation.batch_size`` because it holds (images, labels, regions) weights, ~380 MB at
@@ -114,6 +116,8 @@ class EvaluationResult(BaseModel):
     """The images extraction could not use, by reason."""
     attention_urls: dict[str, str] = Field(default_factory=dict)
     """Figure-1 grids of a few test images: caption -> PNG URL."""
+    provenance: Provenance | None = None
+    """The checkpoint, dataset and code versions the numbers come from."""
 
     def describe(self) -> list[str]:
         """Human-readable lines for the run summary."""
@@ -121,6 +125,15 @@ class EvaluationResult(BaseModel):
         lines = [
             f"Evaluation: {self.num_images} test images, {len(self.seen_labels)} seen + "
             f"{len(self.unseen_labels)} unseen labels, checkpoint `{self.checkpoint_url}`",
+            *(
+                [
+                    f"Provenance: checkpoint sha256 {self.provenance.checkpoint_sha256[:16]}, "
+                    f"dataset version {self.provenance.dataset_version}, code "
+                    f"{self.provenance.code_version}"
+                ]
+                if self.provenance
+                else []
+            ),
             f"LESA ZSL mAP {100 * lesa['zsl']['mAP']:.2f}%, GZSL mAP "
             f"{100 * lesa['gzsl']['mAP']:.2f}%",
         ]
@@ -180,11 +193,33 @@ def zero_shot_split(inputs: StageInputs, storage: Storage) -> ZeroShotSplit:
     return ZeroShotSplit(source, store, seen, unseen, inputs.embeddings.vectors(seen + unseen))
 
 
-def _scoring_model(storage: Storage, url: str, inputs: StageInputs) -> LESA:
+def _scoring_model(
+    storage: Storage, url: str, inputs: StageInputs
+) -> tuple[LESA, CheckpointMetadata]:
     """A checkpoint's model, refused unless it was trained on these features and vectors."""
     model, metadata = load_trained_model(storage, url)
     metadata.check_trained_on(url, inputs.features.key, inputs.embeddings.source)
-    return model
+    return model, metadata
+
+
+def provenance_of(
+    storage: Storage,
+    url: str,
+    metadata: CheckpointMetadata,
+    inputs: StageInputs,
+    model_version: str | None = None,
+) -> Provenance:
+    """What an evaluation of checkpoint ``url`` on ``inputs`` is made from."""
+    return Provenance(
+        checkpoint=url,
+        checkpoint_sha256=checkpoint_sha256(storage, url),
+        training_key=metadata.training_key,
+        model_version=model_version,
+        dataset=inputs.tables.name,
+        dataset_version=inputs.tables.version,
+        feature_key=inputs.features.key,
+        code_version=code_version(),
+    )
 
 
 def _image_size(storage: Storage, url: str) -> tuple[int, int]:
@@ -312,18 +347,22 @@ def evaluate_checkpoint(
     run_name: str,
     checkpoint_url: str,
     baseline_checkpoints: Mapping[str, str] | None = None,
+    prefix: str | None = None,
+    model_version: str | None = None,
 ) -> EvaluationResult:
     """Score the test split with a checkpoint, compute ZSL/GZSL metrics, write the report
-    under ``runs/<run_name>/reports``.
+    under ``prefix`` (default: the run's ``runs/<run_name>/reports``).
 
     ``baseline_checkpoints`` maps a model baseline (``mean-pool``) to its checkpoint URL;
     ``random`` needs none. Every checkpoint must have been trained on the features and word
-    vectors of ``inputs`` (its metadata says).
+    vectors of ``inputs`` (its metadata says). The report names the checkpoint (URL, sha256,
+    ``model_version``), the dataset version and the code version.
     """
     test = zero_shot_split(inputs, storage)
     config.check_ks(len(test.unseen), inputs.tables.name)
     ks = config.ks
-    model = _scoring_model(storage, checkpoint_url, inputs)
+    model, metadata = _scoring_model(storage, checkpoint_url, inputs)
+    provenance = provenance_of(storage, checkpoint_url, metadata, inputs, model_version)
     scores = score(model, test.source, test.vectors, batch_size=config.batch_size)
     metrics = evaluate_zero_shot(scores, test.source.labels, *test.columns, ks)
     thresholds = calibrate(model, inputs, storage, checkpoint_url, batch_size=config.batch_size)
@@ -342,7 +381,7 @@ def evaluate_checkpoint(
         inputs,
         test,
         storage,
-        prefix=report_prefix(storage, run_name),
+        prefix=prefix or report_prefix(storage, run_name),
         count=config.attention_images,
     )
     artifacts = reports.write_report(
@@ -350,17 +389,23 @@ def evaluate_checkpoint(
         label_ap=label_ap,
         curve=reports.topk_curve(scores, test.source.labels, test.is_seen),
         storage=storage,
-        prefix=report_prefix(storage, run_name),
+        prefix=prefix or report_prefix(storage, run_name),
         baselines=baselines,
         pointing=pointing,
         rejects=rejects,
+        provenance=provenance,
     )
     return EvaluationResult(
         checkpoint_url=checkpoint_url,
         metrics={reports.LESA_METHOD: metrics, **baselines},
         report_urls=artifacts.urls(),
         report_markdown=reports.report_markdown(
-            metrics, baselines=baselines, label_ap=label_ap, pointing=pointing, rejects=rejects
+            metrics,
+            baselines=baselines,
+            label_ap=label_ap,
+            pointing=pointing,
+            rejects=rejects,
+            provenance=provenance,
         ),
         num_images=test.source.num_images,
         seen_labels=test.seen,
@@ -368,6 +413,7 @@ def evaluate_checkpoint(
         pointing=None if pointing is None else reports.pointing_summary(pointing),
         rejects=rejects,
         attention_urls=attention,
+        provenance=provenance,
     )
 
 
@@ -407,7 +453,7 @@ def _baseline_metrics(
             )
             scores = fit.scores(pool_regions(test.source, config.batch_size)[0], test.vectors)
         elif name in checkpoints:
-            model = _scoring_model(storage, checkpoints[name], inputs)
+            model, _ = _scoring_model(storage, checkpoints[name], inputs)
             scores = score(model, test.source, test.vectors, batch_size=config.batch_size)
         else:
             raise ValueError(f"baseline {name!r} needs a trained checkpoint; none was given")
@@ -421,5 +467,15 @@ evaluate_checkpoint_task = retrying_task("evaluate", retries=1, cache_policy=NO_
 
 
 def report_prefix(storage: Storage, run_name: str) -> str:
-    """``runs/<run>/reports`` under the storage root."""
+    """``runs/<run>/reports`` under the storage root: the pipeline run's own report."""
     return storage.url("runs", run_name, REPORTS_DIR)
+
+
+def evaluation_prefix(
+    storage: Storage, run_name: str, checkpoint_sha: str, dataset_version: str | None
+) -> str:
+    """``runs/<run>/evaluations/<checkpoint sha256[:16]>-<dataset version>``: where a separate
+    evaluation of one checkpoint on one dataset version writes its report (never over the
+    run's own report, nor over another checkpoint's or data version's)."""
+    name = f"{checkpoint_sha[:16]}-{dataset_version or 'unversioned'}"
+    return storage.url("runs", run_name, EVALUATIONS_DIR, name)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from lesa_model.attention import PointingGameResult
 from lesa_model.metrics import average_precision, precision_recall_f1_at_k
+from tasks.provenance import Provenance
 from tasks.storage import Storage
 
 SettingMetrics = Mapping[str, Mapping[str, float]]
@@ -171,6 +172,7 @@ def report_markdown(
     plots: Mapping[str, str] | None = None,
     title: str = "LESA evaluation report",
     rejects: RejectSummary | None = None,
+    provenance: Provenance | None = None,
 ) -> str:
     """The report as Markdown: summary tables, baselines, rejected images, pointing game,
     per-label AP, plots.
@@ -180,6 +182,8 @@ def report_markdown(
     """
     methods = {LESA_METHOD: metrics, **(baselines or {})}
     lines = [f"# {title}", ""]
+    if provenance is not None:
+        lines += ["## Provenance", "", *provenance.markdown(), ""]
     for setting, heading in (("zsl", "ZSL (unseen labels only)"), ("gzsl", "GZSL (all labels)")):
         lines += [f"## {heading}", "", *_summary_table(methods, setting), ""]
     if baselines:
@@ -205,6 +209,7 @@ def write_report(
     baselines: Mapping[str, SettingMetrics] | None = None,
     pointing: PointingGameResult | None = None,
     rejects: RejectSummary | None = None,
+    provenance: Provenance | None = None,
 ) -> ReportArtifacts:
     """Write metrics.json, report.md and the two PNG plots under ``prefix`` (a storage URL).
 
@@ -224,6 +229,7 @@ def write_report(
     storage.write_bytes(plot_urls[LABELS_PLOT_FILE], _png(best_worst_figure(label_ap)))
     storage.write_bytes(plot_urls[TOPK_PLOT_FILE], _png(topk_figure(curve)))
     document = {
+        "provenance": None if provenance is None else provenance.model_dump(mode="json"),
         "metrics": {
             LESA_METHOD: _plain(metrics),
             **{k: _plain(v) for k, v in (baselines or {}).items()},
@@ -241,6 +247,7 @@ def write_report(
         label_ap=label_ap,
         pointing=pointing,
         rejects=rejects,
+        provenance=provenance,
         plots={caption: name for name, caption in PLOT_CAPTIONS.items()},
     )
     report_url = f"{base}/{REPORT_FILE}"

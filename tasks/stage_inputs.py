@@ -16,7 +16,7 @@ import pandas as pd
 from prefect.cache_policies import NO_CACHE
 
 from lesa_model.config import ReaderConfig
-from tasks import schemas
+from tasks import schemas, versions
 from tasks.datasets import DatasetArtifacts
 from tasks.datasets.base import check_usable
 from tasks.embeddings import EmbeddingResult
@@ -35,6 +35,9 @@ class DatasetTables:
     vocabulary: pd.DataFrame
     images_prefix: str
     boxes: pd.DataFrame | None = None
+    version: str | None = None
+    """Content version of the stored tables (``tasks.versions`` of the label table, vocabulary
+    and boxes files), recorded in every report; None for tables built in memory."""
 
     @property
     def seen_labels(self) -> list[str]:
@@ -67,6 +70,7 @@ def load_tables(storage: Storage, dataset: DatasetArtifacts) -> DatasetTables:
         vocabulary=vocabulary,
     )
     check_usable(dataset.name, labels, vocabulary)
+    files = [dataset.label_table_url, dataset.vocabulary_url, *filter(None, [dataset.boxes_url])]
     boxes = None
     if dataset.boxes_url is not None:
         boxes = schemas.read_validated(
@@ -78,6 +82,7 @@ def load_tables(storage: Storage, dataset: DatasetArtifacts) -> DatasetTables:
         vocabulary=vocabulary.reset_index(drop=True),
         images_prefix=dataset.images_prefix,
         boxes=boxes,
+        version=versions.digest(versions.file_versions(storage, files).values())[:16],
     )
 
 

@@ -306,6 +306,9 @@ def test_new_labels_event_triggers_a_zero_shot_run(
 def test_evaluate_cli_scores_the_earlier_checkpoint(
     services: Services, finished_run: FinishedRun
 ) -> None:
+    storage = services.storage()
+    run_report = storage.url("runs", "tiny", "reports", "metrics.json")
+    before = storage.read_bytes(run_report)
     done = services.run(
         sys.executable,
         *("-m", "flows.evaluate", "--config", TINY, "--checkpoint", "final"),
@@ -317,6 +320,19 @@ def test_evaluate_cli_scores_the_earlier_checkpoint(
     lines = [line for line in done.stdout.splitlines() if "LESA" in line]
     assert any("ZSL" in line and "GZSL" not in line for line in lines)
     assert any("GZSL" in line for line in lines)
+    assert storage.read_bytes(run_report) == before, "the run's own report is left alone"
+    final = storage.url("runs", "tiny", "checkpoints", "final.pt")
+    sha = storage.sha256(final)
+    written = [
+        url
+        for url in storage.ls(storage.url("runs", "tiny", "evaluations"), recursive=True)
+        if url.endswith("metrics.json")
+    ]
+    assert len(written) == 1 and f"/evaluations/{sha[:16]}-" in written[0], written
+    provenance = storage.read_json(written[0])["provenance"]
+    assert provenance["checkpoint"] == final and provenance["checkpoint_sha256"] == sha
+    assert provenance["dataset_version"] and provenance["code_version"]
+    assert "/runs/tiny/" in storage.read_json(run_report)["provenance"]["checkpoint"]
 
 
 def test_no_secret_ever_reaches_the_run_record(services: Services) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import subprocess
 from dataclasses import replace
+from importlib import metadata as package_metadata
 from pathlib import Path
 
 import h5py
@@ -18,10 +21,16 @@ from lesa_model.backbones import resize_side
 from lesa_model.calibration import MIN_POSITIVES
 from lesa_model.checkpoint import load_model
 from lesa_model.model import LesaOutput
+from tasks import provenance
 from tasks.baselines import BaselineTuning, fit_eszsl_baseline, load_eszsl, train_mean_pool
 from tasks.checkpoints import CheckpointMismatchError
 from tasks.embeddings import GloveFile
-from tasks.evaluation import EvaluationConfig, evaluate_checkpoint, report_prefix
+from tasks.evaluation import (
+    EvaluationConfig,
+    evaluate_checkpoint,
+    evaluation_prefix,
+    report_prefix,
+)
 from tasks.feature_config import FeatureIdentity
 from tasks.stage_inputs import DatasetTables
 from tasks.thresholds import ThresholdsError, read_thresholds
@@ -352,3 +361,69 @@ def test_k_larger_than_the_seen_labels_fails_before_training() -> None:
         config.check_ks(num_unseen=10, dataset="mine", num_seen=4)
     with pytest.raises(ValueError, match=r"ZSL ranks only the 2 unseen labels of dataset mine"):
         config.check_ks(num_unseen=2, dataset="mine", num_seen=100)
+
+
+def test_report_names_checkpoint_dataset_and_code_versions(
+    trained: tuple[Synthetic, str],
+) -> None:
+    inputs, checkpoint = trained
+    inputs = replace(
+        inputs, inputs=replace(inputs.inputs, tables=replace(inputs.tables, version="d4ta"))
+    )
+    result = evaluate(inputs, checkpoint)
+    storage = inputs.storage
+    recorded = storage.read_json(result.report_urls["metrics.json"])["provenance"]
+    _, metadata = load_model(checkpoint)
+    commit = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert recorded["checkpoint"] == checkpoint
+    assert (
+        recorded["checkpoint_sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    )
+    assert recorded["training_key"] == metadata["training_key"]
+    assert recorded["dataset"] == "synthetic"
+    assert recorded["dataset_version"] == "d4ta"
+    assert recorded["feature_key"] == inputs.features.key
+    assert recorded["code_version"].removesuffix("-dirty") == f"git:{commit}"
+    report = storage.read_bytes(result.report_urls["report.md"]).decode()
+    assert recorded["checkpoint_sha256"] in report and "`d4ta`" in report
+    assert recorded["code_version"] in report
+    assert any(recorded["checkpoint_sha256"][:16] in line for line in result.describe())
+
+
+def test_code_version_without_git_is_the_package_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_git(*args: str) -> str:
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(provenance, "_git", no_git)
+    provenance.code_version.cache_clear()
+    try:
+        assert provenance.code_version() == f"lesa {package_metadata.version('lesa')}"
+    finally:
+        provenance.code_version.cache_clear()
+
+
+def test_an_evaluation_folder_leaves_the_run_report_alone(trained: tuple[Synthetic, str]) -> None:
+    inputs, checkpoint = trained
+    storage = inputs.storage
+    run_report = evaluate(inputs, checkpoint).report_urls["metrics.json"]
+    before = storage.read_bytes(run_report)
+    sha = provenance.checkpoint_sha256(storage, checkpoint)
+    prefix = evaluation_prefix(storage, "tiny", sha, "v1")
+    assert prefix == storage.url("runs", "tiny", "evaluations", f"{sha[:16]}-v1")
+    elsewhere = evaluate_checkpoint(
+        EvaluationConfig(ks=[1], baselines=["random"], pointing_pairs=0),
+        storage,
+        inputs.inputs,
+        run_name="tiny",
+        checkpoint_url=checkpoint,
+        prefix=prefix,
+    )
+    assert elsewhere.report_urls["metrics.json"] == f"{prefix}/metrics.json"
+    assert storage.read_bytes(run_report) == before
+    assert "F1@2" in storage.read_json(run_report)["metrics"]["LESA"]["zsl"]
+    assert "F1@2" not in storage.read_json(f"{prefix}/metrics.json")["metrics"]["LESA"]["zsl"]

@@ -179,6 +179,17 @@ def test_tables_are_validated_at_the_boundary(local: Synthetic) -> None:
     assert len(load_tables(storage, artifacts).labels) == len(local.tables.labels)
 
 
+def test_the_tables_version_follows_their_stored_content(local: Synthetic) -> None:
+    """Reports name the dataset version: the same files give the same one, an edit a new one."""
+    artifacts = _stored(local, local.tables.labels, local.tables.vocabulary)
+    first = load_tables(local.storage, artifacts).version
+    assert first and load_tables(local.storage, artifacts).version == first
+    edited = local.tables.labels.copy()
+    edited.at[0, "positives"] = [SEEN[0]]
+    local.storage.write_parquet(artifacts.label_table_url, edited)
+    assert load_tables(local.storage, artifacts).version not in (None, first)
+
+
 def _stored(local: Synthetic, labels: pd.DataFrame, vocabulary: pd.DataFrame) -> DatasetArtifacts:
     storage = local.storage
     artifacts = DatasetArtifacts(
