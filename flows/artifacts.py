@@ -4,12 +4,13 @@ Metrics arrive as ``{method: {"zsl": {...}, "gzsl": {...}}}`` with fractions in 
 console and the UI show them as percentages, the way the paper reports them.
 
 The Prefect UI renders a Markdown artifact's images as ``<img src=...>`` with the link as
-written, so a picture shows only if the browser can fetch it: an ``s3://`` object is shown by a
-presigned HTTP URL (valid for ``storage.presign_expiry_s``; the S3 endpoint, or
-``storage.public_endpoint_url``, must be reachable from the browser), a local picture up to
-:data:`INLINE_IMAGE_BYTES` is embedded as a ``data:`` URI (a browser does not open ``file://``
-links from a web page). Other local files are named by their ``file://`` URL, to open on the
-machine that holds them.
+written, so a picture shows only if the browser can fetch it. Pictures up to
+:data:`INLINE_IMAGE_BYTES` (a report's plots are ~50 kB) are embedded as ``data:`` URIs, from
+any storage: they always render, never expire and carry no credential. Files (and larger
+pictures) on S3 get presigned HTTP links when ``storage.presign_expiry_s`` is set (the S3
+endpoint, or ``storage.public_endpoint_url``, must be reachable from the browser); otherwise,
+and for local files (a browser does not open ``file://`` links from a web page), they are named
+by their URL, to open where the storage is.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ ABLATION_ARTIFACT_KEY = "lesa-ablation"
 ATTENTION_ARTIFACT_KEY = "lesa-attention"
 
 INLINE_IMAGE_BYTES = 2 * 1024 * 1024
-"""Local pictures up to this size are embedded in the artifact (a report's plots are ~50 kB)."""
+"""Pictures up to this size are embedded in the artifact (a report's plots are ~50 kB)."""
 
 MethodMetrics = Mapping[str, Mapping[str, Mapping[str, float]]]
 
@@ -96,23 +97,20 @@ def print_run(result: Mapping[str, Any], *, title: str) -> None:
 
 
 def browser_link(storage: Storage, url: str) -> str | None:
-    """A URL a browser opens from the Prefect UI: ``s3://`` objects presigned, ``http(s)``
-    as they are; None for a local file (no web page may open it)."""
+    """A URL a browser opens from the Prefect UI: ``s3://`` objects presigned (when
+    ``storage.presign_expiry_s`` is set), ``http(s)`` as they are; None otherwise."""
     if is_local(url):
         return None
     if url.startswith(("s3://", "s3a://")):
-        return storage.presign(url)
+        return storage.presign(url) if storage.config.presign_expiry_s else None
     return url
 
 
 def image_source(storage: Storage, url: str) -> str:
-    """What a Markdown image should point at so the UI shows it: a browser link, else the
-    picture itself as a ``data:`` URI when small enough, else its ``file://`` URL."""
-    link = browser_link(storage, url)
-    if link is not None:
-        return link
+    """What a Markdown image should point at so the UI shows it: the picture itself as a
+    ``data:`` URI when small enough, else a browser link, else its URL."""
     if storage.size(url) > INLINE_IMAGE_BYTES:
-        return _file_link(url)
+        return browser_link(storage, url) or _file_link(url)
     kind = mimetypes.guess_type(url)[0] or "image/png"
     return f"data:{kind};base64,{base64.b64encode(storage.read_bytes(url)).decode('ascii')}"
 
@@ -137,17 +135,21 @@ def publish_images(
     )
 
 
-def _file_lines(storage: Storage, urls: Mapping[str, str]) -> list[str]:
+def _links(storage: Storage, urls: Mapping[str, str]) -> dict[str, str | None]:
+    """Each file's browser link (made once: a presigned URL differs each second)."""
+    return {name: browser_link(storage, url) for name, url in urls.items()}
+
+
+def _file_lines(urls: Mapping[str, str], links: Mapping[str, str | None]) -> list[str]:
     """One Markdown list item per file: a link the browser opens, else the file's URL."""
-    lines = []
-    for name, url in urls.items():
-        link = browser_link(storage, url)
-        lines.append(f"- [{name}]({link})" if link else f"- {name}: `{_file_link(url)}`")
-    return lines
+    return [
+        f"- [{name}]({links[name]})" if links[name] else f"- {name}: `{_file_link(url)}`"
+        for name, url in urls.items()
+    ]
 
 
 def _expiry_note(storage: Storage, urls: Mapping[str, str]) -> list[str]:
-    if all(is_local(url) for url in urls.values()):
+    if not storage.config.presign_expiry_s or all(is_local(url) for url in urls.values()):
         return []
     hours = storage.config.presign_expiry_s / 3600
     return ["", f"_Links are presigned and expire {hours:g} h after the run published them._"]
@@ -168,6 +170,7 @@ def publish_run_artifacts(
         description=f"ZSL / GZSL metrics (%) of run {run_name}",
     )
     files = evaluation.report_urls
+    links = _links(storage, files)
     markdown = [
         f"# LESA run `{run_name}`",
         "",
@@ -175,7 +178,7 @@ def publish_run_artifacts(
         "",
         "## Reports",
         "",
-        *_file_lines(storage, files),
+        *_file_lines(files, links),
         *_expiry_note(storage, files),
     ]
     create_markdown_artifact(
@@ -191,7 +194,7 @@ def publish_run_artifacts(
         ),
         description=f"Report of run {run_name}",
     )
-    _publish_links(storage, REPORT_ARTIFACT_KEY, files, f"{run_name}: ")
+    _publish_links(REPORT_ARTIFACT_KEY, files, links, f"{run_name}: ")
     return {
         "run_name": run_name,
         "metrics": evaluation.metrics,
@@ -201,12 +204,14 @@ def publish_run_artifacts(
     }
 
 
-def _publish_links(storage: Storage, key: str, urls: Mapping[str, str], prefix: str) -> None:
+def _publish_links(
+    key: str, urls: Mapping[str, str], links: Mapping[str, str | None], prefix: str
+) -> None:
     """One link artifact per file, keyed ``<key>-<file>``."""
     for name, url in urls.items():
         create_link_artifact(
             key=f"{key}-{_slug(name)}",
-            link=browser_link(storage, url) or _file_link(url),
+            link=links[name] or _file_link(url),
             link_text=name,
             description=f"{prefix}{name}",
         )
@@ -246,4 +251,5 @@ def publish_ablation_artifacts(
         markdown="\n".join([markdown, *figure]),
         description=f"Ablation of run {run_name}",
     )
-    _publish_links(storage, ABLATION_ARTIFACT_KEY, report_urls, f"{run_name} ablation: ")
+    links = _links(storage, report_urls)
+    _publish_links(ABLATION_ARTIFACT_KEY, report_urls, links, f"{run_name} ablation: ")

@@ -40,7 +40,14 @@ from lesa_model.baselines import (
 )
 from lesa_model.checkpoint import save_checkpoint
 from lesa_model.config import LossConfig, ModelConfig, TrainerConfig
-from tasks.checkpoints import CHECKPOINT_NAMES, CheckpointMetadata, checkpoint_url, read_metadata
+from tasks.checkpoints import (
+    CHECKPOINT_NAMES,
+    CheckpointMetadata,
+    checkpoint_url,
+    read_metadata,
+    run_prefix,
+)
+from tasks.claims import claimed
 from tasks.hashing import content_hash
 from tasks.retries import retrying_task
 from tasks.stage_inputs import StageInputs
@@ -110,6 +117,8 @@ class _Inputs:
         )
         self.run_name = run_name
         self.stage_inputs = inputs
+        self.model = model
+        self.loss = loss
 
     @property
     def vectors(self) -> np.ndarray:
@@ -160,9 +169,23 @@ def train_mean_pool(
     run = _Inputs(storage, inputs, run_name=run_name, model=model, loss=loss, trainer=trainer)
     key = content_hash(["mean-pool", run.key, tuning.mean_pool_lr, tuning.mean_pool_l2], 16)
     urls = checkpoint_urls(storage, run_name, "mean-pool")
+    with claimed(storage, run_prefix(storage, run_name, "mean-pool"), "mean-pool baseline"):
+        return _train_mean_pool(storage, run, key, urls, trainer, val_ks, tuning)
+
+
+def _train_mean_pool(
+    storage: Storage,
+    run: _Inputs,
+    key: str,
+    urls: dict[str, str],
+    trainer: TrainerConfig,
+    val_ks: Sequence[int],
+    tuning: BaselineTuning,
+) -> dict[str, str]:
     record_url = urls["best"].rsplit("/", 1)[0] + f"/{RECORD_FILE}"
     if _reusable(storage, record_url, key):
         return urls
+    model, loss = run.model, run.loss
     train, val = run.pooled()
     candidates = mean_pool_grid(tuning.mean_pool_lr, [trainer.steps], tuning.mean_pool_l2)
     with tempfile.TemporaryDirectory(prefix="mean-pool-") as workdir:
@@ -229,6 +252,19 @@ def fit_eszsl_baseline(
     run = _Inputs(storage, inputs, run_name=run_name, model=model, loss=loss, trainer=trainer)
     key = content_hash(["eszsl", run.key, tuning.eszsl_gamma, tuning.eszsl_lam], 16)
     urls = checkpoint_urls(storage, run_name, "eszsl")
+    with claimed(storage, run_prefix(storage, run_name, "eszsl"), "ESZSL baseline"):
+        return _fit_eszsl(storage, run, key, urls, trainer, val_ks, tuning)
+
+
+def _fit_eszsl(
+    storage: Storage,
+    run: _Inputs,
+    key: str,
+    urls: dict[str, str],
+    trainer: TrainerConfig,
+    val_ks: Sequence[int],
+    tuning: BaselineTuning,
+) -> dict[str, str]:
     record_url = urls["best"].rsplit("/", 1)[0] + f"/{RECORD_FILE}"
     if _reusable(storage, record_url, key):
         return urls

@@ -32,6 +32,7 @@ from distributed import Client, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
 from tasks import schemas
+from tasks.claims import claimed
 from tasks.feature_config import DaskConfig, FeatureIdentity, FeaturesConfig, feature_key
 from tasks.feature_shards import MANIFEST_NAME, REJECTS_NAME, shard_name
 from tasks.feature_worker import (
@@ -272,15 +273,17 @@ def extract_features(
     rejects_url = f"{out_prefix}/{REJECTS_NAME}"
     plans = plan_shards(table, images_prefix, config.shard_size, out_prefix)
     plans = with_image_versions(plans, storage)
-    rows = _committed_shards(storage, manifest_url, plans, config)
-    rejects = _committed_rejects(storage, rejects_url, plans, set(rows))
-    committer = _Committer(storage, manifest_url, rejects_url, rows, rejects)
-    committer.commit()
-    todo = [plan for plan in plans if plan.index not in rows]
-    if todo:
-        _preflight(config, storage)
-        log.info("extracting %d of %d shards into %s", len(todo), len(plans), out_prefix)
-        _run_shards(todo, len(plans), config, storage, committer)
+    # One run extracts into a feature set at a time; the others then reuse its shards.
+    with claimed(storage, out_prefix, "feature extraction"):
+        rows = _committed_shards(storage, manifest_url, plans, config)
+        rejects = _committed_rejects(storage, rejects_url, plans, set(rows))
+        committer = _Committer(storage, manifest_url, rejects_url, rows, rejects)
+        committer.commit()
+        todo = [plan for plan in plans if plan.index not in rows]
+        if todo:
+            _preflight(config, storage)
+            log.info("extracting %d of %d shards into %s", len(todo), len(plans), out_prefix)
+            _run_shards(todo, len(plans), config, storage, committer)
     _log_rejects(committer.rejects)
     return FeatureSet(
         manifest_url=manifest_url,

@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+from botocore.exceptions import ClientError, ConnectTimeoutError, ReadTimeoutError
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback, TqdmCallback
 from fsspec.core import split_protocol
 from fsspec.exceptions import FSTimeoutError
@@ -46,6 +46,8 @@ _CHUNK = 8 * 1024 * 1024
 _PROGRESS_BYTES = 64 * 1024 * 1024
 _TMP_MARKER = ".tmp-"
 PRESIGN_MAX_S = 7 * 24 * 3600
+_EXISTS_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412", "409"})
+"""S3's answers to a conditional create of a key that exists (or is being written)."""
 
 
 class StorageError(ValueError):
@@ -161,9 +163,11 @@ class StorageConfig(StrictModel):
     """Reach ``s3://`` without credentials (unsigned requests), e.g. the public Open Images
     bucket; no credential is read or sent. Writes then need a store that accepts them, so an
     anonymous run usually keeps ``root`` local."""
-    presign_expiry_s: int = Field(PRESIGN_MAX_S, gt=0, le=PRESIGN_MAX_S)
-    """How long the presigned links the Prefect UI shows (report plots, files) stay valid; at
-    most 7 days, S3's limit for a signature."""
+    presign_expiry_s: int = Field(0, ge=0, le=PRESIGN_MAX_S)
+    """Seconds the presigned links to ``s3://`` files that the Prefect UI shows stay valid (at
+    most 7 days, S3's limit for a signature); 0, the default, makes no presigned links. Opt-in
+    because a presigned URL names the access key ID (never the secret) and lets whoever holds
+    it download the object until it expires."""
     public_endpoint_url: str | None = None
     """The S3 endpoint as a browser reaches it, for presigned links (default: the endpoint the
     flows use; set it when they reach S3 by an address the browser cannot, e.g. a compose
@@ -321,6 +325,7 @@ class Storage:
             Path(self.config.cache_dir).expanduser() if self.config.cache_dir else None
         ) or _default_cache_dir()
         self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+        self._clients: dict[str | None, Any] = {}
 
     def __repr__(self) -> str:
         return f"Storage(root={self.root!r})"
@@ -341,6 +346,7 @@ class Storage:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_filesystems"] = {}
+        state["_clients"] = {}
         return state
 
     # -- addressing ---------------------------------------------------------------------------
@@ -389,32 +395,78 @@ class Storage:
             )
         return options
 
+    def _s3_client(self, endpoint_url: str | None) -> Any:
+        """A boto3 S3 client with this storage's credentials, region and timeouts, for the
+        calls s3fs does not offer (presigning, conditional writes)."""
+        if endpoint_url not in self._clients:
+            secrets = {
+                option: self._credentials[field].get_secret_value()
+                for field, option in (
+                    ("key", "aws_access_key_id"),
+                    ("secret", "aws_secret_access_key"),
+                    ("token", "aws_session_token"),
+                )
+                if field in self._credentials
+            }
+            config = BotoConfig(
+                signature_version="s3v4",
+                connect_timeout=self.config.connect_timeout,
+                read_timeout=self.config.read_timeout,
+                retries={"mode": "standard", "total_max_attempts": self.config.attempts},
+            )
+            self._clients[endpoint_url] = boto3.client(
+                "s3", endpoint_url=endpoint_url, region_name=self._region, config=config, **secrets
+            )
+        return self._clients[endpoint_url]
+
+    @_named_timeouts
+    def create_exclusive(self, url: str, data: bytes) -> bool:
+        """Write ``data`` to ``url`` only if nothing is there; whether this call created it.
+
+        Locally the file is written aside and hard-linked into place (the link fails if the name
+        exists, and a reader never sees it half written). On S3 it is a ``PutObject`` with
+        ``If-None-Match: *``: AWS S3, MinIO and moto refuse it when the key exists; a store
+        that ignores the header (nanio) lets the last writer win, so callers that need one
+        winner read the object back (see :mod:`tasks.claims`).
+        """
+        if is_local(url):
+            target = local_path(url)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(_temporary_name(str(target)))
+            try:
+                tmp.write_bytes(data)
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+            return True
+        if _protocol(url) not in ("s3", "s3a"):
+            raise ValueError(f"exclusive create is supported on local paths and s3://, not {url}")
+        bucket, _, key = str(url).split("://", 1)[1].partition("/")
+        try:
+            self._s3_client(self._endpoint_url).put_object(
+                Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in _EXISTS_CODES:
+                return False
+            raise
+        return True
+
     def presign(self, url: str) -> str:
         """An HTTP URL that downloads the S3 object ``url`` without credentials, valid for
         ``storage.presign_expiry_s`` (signed offline: no request is made).
 
         Raises:
-            ValueError: ``url`` is not an ``s3://`` URL.
+            ValueError: ``url`` is not an ``s3://`` URL, or presigning is off.
         """
         if _protocol(url) not in ("s3", "s3a"):
             raise ValueError(f"only s3:// objects can be presigned, not {url}")
+        if not self.config.presign_expiry_s:
+            raise ValueError(f"{url}: presigned links are off (storage.presign_expiry_s is 0)")
         bucket, _, key = str(url).split("://", 1)[1].partition("/")
-        secrets = {
-            option: self._credentials[field].get_secret_value()
-            for field, option in (
-                ("key", "aws_access_key_id"),
-                ("secret", "aws_secret_access_key"),
-                ("token", "aws_session_token"),
-            )
-            if field in self._credentials
-        }
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.config.public_endpoint_url or self._endpoint_url,
-            region_name=self._region,
-            config=BotoConfig(signature_version="s3v4"),
-            **secrets,
-        )
+        client = self._s3_client(self.config.public_endpoint_url or self._endpoint_url)
         return client.generate_presigned_url(
             "get_object",
             Params={"Bucket": bucket, "Key": key},
@@ -477,10 +529,13 @@ class Storage:
         fs, path = self._resolve(prefix)
         if not fs.exists(path):
             return []
-        if recursive:
-            found = fs.find(path)
-        else:
-            found = [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
+        try:
+            if recursive:
+                found = fs.find(path)
+            else:
+                found = [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
+        except FileNotFoundError:  # its last object was removed since the existence check
+            return []
         return sorted(self._to_url(prefix, p) for p in found if _TMP_MARKER not in p)
 
     @_named_timeouts

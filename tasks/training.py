@@ -33,6 +33,7 @@ from lesa_model.config import LossConfig, ModelConfig, ReaderConfig, TrainerConf
 from lesa_model.model import LESA
 from lesa_model.trainer import Trainer, TrainResult
 from tasks.checkpoints import CHECKPOINTS_DIR, CheckpointMetadata, run_prefix
+from tasks.claims import claimed
 from tasks.embeddings import SourceKind
 from tasks.feature_reader import FeatureBatches
 from tasks.hashing import array_digest, content_hash
@@ -390,8 +391,32 @@ def train_model(
     """Train LESA (or reuse a finished identical run) and return its checkpoint URLs.
 
     ``val_ks`` are the K of the F1@K that validation reports besides mAP (the evaluation's
-    ``ks``). Progress shows on the Prefect run when there is one.
+    ``ks``). Progress shows on the Prefect run when there is one. One flow run at a time
+    trains into a run's folder (:mod:`tasks.claims`): a concurrent identical run waits, then
+    reuses what the first one finished, and never resumes from checkpoints being written.
     """
+    with claimed(storage, run_prefix(storage, run_name), f"training {run_name}"):
+        return _train_or_reuse(
+            storage,
+            inputs,
+            run_name=run_name,
+            model=model,
+            loss=loss,
+            trainer=trainer,
+            val_ks=val_ks,
+        )
+
+
+def _train_or_reuse(
+    storage: Storage,
+    inputs: StageInputs,
+    *,
+    run_name: str,
+    model: ModelConfig,
+    loss: LossConfig,
+    trainer: TrainerConfig,
+    val_ks: Sequence[int],
+) -> TrainingOutcome:
     prefix = f"{run_prefix(storage, run_name)}/{CHECKPOINTS_DIR}"
     record_url = f"{prefix}/{RECORD_FILE}"
     data = training_data(inputs, storage, trainer.reader)

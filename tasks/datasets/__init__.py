@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from tasks.datasets.base import DatasetArtifacts, DatasetError
+from tasks.claims import claimed
+from tasks.datasets.base import DatasetArtifacts, DatasetError, dataset_url
 from tasks.datasets.emoji_scenes import EmojiScenesConfig, prepare_emoji_scenes
 from tasks.datasets.nuswide import NusWideConfig, prepare_nuswide
 from tasks.datasets.openimages import OpenImagesConfig, prepare_openimages
@@ -52,7 +53,8 @@ def prepare_dataset(config: DatasetConfig, storage: Storage) -> DatasetArtifacts
     source = getattr(config, "source", None)
     if source not in _PREPARERS:
         raise ValueError(f"unknown dataset source {source!r}; expected one of {sorted(_PREPARERS)}")
-    return _PREPARERS[source](config, storage)
+    with claimed(storage, dataset_url(storage, config.name), f"dataset {config.name}"):
+        return _PREPARERS[source](config, storage)
 
 
 prepare_dataset_task = retrying_task("prepare-dataset", retries=2)(prepare_dataset)

@@ -170,31 +170,56 @@ def s3_storage_with(s3_server: S3Server, tmp_path: Path, **options: Any) -> Stor
     )
 
 
-def test_s3_plots_and_files_are_presigned_links_that_download(
+def test_s3_plots_are_inline_and_files_presigned_links_that_download(
     s3_server: S3Server, tmp_path: Path, record: Published
 ) -> None:
     storage = s3_storage_with(s3_server, tmp_path, presign_expiry_s=900)
     files = publish(storage, record)
     images = report_images(record)
     for name, caption in PLOT_CAPTIONS.items():
-        url = images[caption]
-        assert url.startswith(f"{s3_server.endpoint_url}/{s3_server.bucket}/")
-        assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["900"]
-        response = httpx.get(url)
-        assert response.status_code == 200
-        assert response.content == PLOTS[name]
+        assert base64.b64decode(images[caption].split(",", 1)[1]) == PLOTS[name]
     links = {call["link_text"]: call["link"] for call in record.values() if call["kind"] == "link"}
     assert set(links) == set(files)
+    for link in links.values():
+        assert link.startswith(f"{s3_server.endpoint_url}/{s3_server.bucket}/"), link
+        assert parse_qs(urlsplit(link).query)["X-Amz-Expires"] == ["900"]
+    for name, data in PLOTS.items():
+        response = httpx.get(links[name])
+        assert response.status_code == 200
+        assert response.content == data
     assert httpx.get(links["report.md"]).content == b"# report\n"
     summary = record[SUMMARY_ARTIFACT_KEY]["markdown"]
     assert f"- [metrics.json]({links['metrics.json']})" in summary
     assert "expire 0.25 h after" in summary
 
 
+def test_without_presigning_s3_files_are_named_and_no_key_is_published(
+    s3_server: S3Server, tmp_path: Path, record: Published
+) -> None:
+    files = publish(s3_storage_with(s3_server, tmp_path), record)
+    links = {call["link_text"]: call["link"] for call in record.values() if call["kind"] == "link"}
+    assert links == files
+    published = repr(record)
+    assert s3_server.key not in published.replace(s3_server.bucket, "")
+    assert "X-Amz" not in published and "expire" not in published
+    assert set(report_images(record)) == set(PLOT_CAPTIONS.values())
+
+
+def test_a_large_s3_picture_is_shown_by_a_presigned_link(
+    s3_server: S3Server, tmp_path: Path, record: Published, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(artifacts, "INLINE_IMAGE_BYTES", 10)
+    publish(s3_storage_with(s3_server, tmp_path, presign_expiry_s=60), record)
+    url = report_images(record)[PLOT_CAPTIONS[TOPK_PLOT_FILE]]
+    assert httpx.get(url).content == PLOTS[TOPK_PLOT_FILE]
+
+
 def test_presigned_links_use_the_public_endpoint(s3_server: S3Server, tmp_path: Path) -> None:
     """A browser may reach S3 by another name than the flows do: links are signed for it."""
     public = s3_server.endpoint_url.replace("127.0.0.1", "localhost")
-    storage = s3_storage_with(s3_server, tmp_path, public_endpoint_url=public)
+    storage = s3_storage_with(
+        s3_server, tmp_path, public_endpoint_url=public, presign_expiry_s=7 * 24 * 3600
+    )
     url = storage.url("picture.png")
     storage.write_bytes(url, PLOTS[TOPK_PLOT_FILE])
     link = storage.presign(url)
@@ -203,9 +228,14 @@ def test_presigned_links_use_the_public_endpoint(s3_server: S3Server, tmp_path: 
     assert httpx.get(link).content == PLOTS[TOPK_PLOT_FILE]
 
 
-def test_presign_refuses_local_files_and_expiry_beyond_s3s_limit(tmp_path: Path) -> None:
+def test_presign_refuses_local_files_when_off_and_beyond_s3s_limit(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
     with pytest.raises(ValueError, match="only s3:// objects"):
         Storage(StorageConfig(root=str(tmp_path))).presign(str(tmp_path / "x.png"))
+    storage = s3_storage_with(s3_server, tmp_path)
+    with pytest.raises(ValueError, match="presign_expiry_s is 0"):
+        storage.presign(storage.url("x.png"))
     with pytest.raises(ValueError, match="presign_expiry_s"):
         StorageConfig(presign_expiry_s=7 * 24 * 3600 + 1)
 

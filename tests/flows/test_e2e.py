@@ -10,6 +10,7 @@ that fixture, so any one of them runs alone or in any order.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +31,13 @@ import pandas as pd
 import pytest
 
 from tasks.storage import Storage, StorageConfig
-from tests.helpers.services import free_port
+from tests.helpers.services import S3Server, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 420
+PNG = b"\x89PNG"
 NEW_UNSEEN = ["chandelier", "wardrobe", "harpsichord", "stapler", "lampshade", "sofa"]
 
 pytestmark = pytest.mark.slow
@@ -164,13 +167,15 @@ class FinishedRun:
 
 @pytest.fixture(scope="module")
 def finished_run(services: Services) -> FinishedRun:
-    """Run the deployment once on the module's S3 prefix; every test builds on this run."""
+    """Run the deployment once on the module's S3 prefix, with presigned report links; every
+    test builds on this run."""
+    presigning = {"root": services.root, "presign_expiry_s": 3600}
     started = time.monotonic()
     done = services.run(
         str(BIN / "prefect"),
         *("deployment", "run", "lesa/full-pipeline"),
         *("-p", f"config={TINY}"),
-        *("-p", "overrides=" + json.dumps({"storage": {"root": services.root}})),
+        *("-p", "overrides=" + json.dumps({"storage": presigning})),
         *("--watch", "--watch-timeout", str(RUN_TIMEOUT_S)),
     )
     output = done.stdout + done.stderr
@@ -194,8 +199,10 @@ def test_deployment_run_on_s3_completes_with_metrics_artifact(
     pictures = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", artifacts["lesa-report"]["data"])
     assert len(pictures) == 2, "both plots are shown in the report artifact"
     for url in pictures:
-        assert url.startswith(services.env["AWS_ENDPOINT_URL"] + "/"), url
-        assert httpx.get(url).raise_for_status().content.startswith(b"\x89PNG")
+        assert base64.b64decode(url.removeprefix("data:image/png;base64,")).startswith(PNG)
+    link = re.findall(r"\((http[^)\s]+)\)", artifacts["lesa-report-prf-vs-k-png"]["data"])
+    assert link and link[0].startswith(services.env["AWS_ENDPOINT_URL"] + "/"), link
+    assert httpx.get(link[0]).raise_for_status().content.startswith(PNG), "presigned link"
 
     bucket, prefix = services.root.removeprefix("s3://").split("/", 1)
     s3 = boto3.client("s3", endpoint_url=services.env["AWS_ENDPOINT_URL"])
@@ -410,3 +417,49 @@ def everything(services: Services, path: str) -> list[dict[str, Any]]:
         found.extend(items)
         if len(items) < 200:
             return found
+
+
+def object_versions(client: Any, bucket: str) -> Counter[str]:
+    """How many times each key was written (the bucket keeps every version)."""
+    counts: Counter[str] = Counter()
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
+        counts.update(item["Key"] for item in page.get("Versions", []))
+    return Counter({key: n for key, n in counts.items() if ".tmp-" not in key})
+
+
+def test_three_identical_runs_at_once_compute_everything_once(
+    services: Services, s3_server: S3Server
+) -> None:
+    """Three CLI runs of the tiny config started together on a fresh versioned bucket: each
+    feature shard and each checkpoint is uploaded once (one object version), one run trains and
+    the others reuse its model (none resumes from it), and all three report the same metrics."""
+    client = s3_server.client()
+    bucket = f"lesa-three-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    command = [sys.executable, "-m", "flows.full_pipeline", "--config", TINY]
+    command += ["--set", f"storage.root=s3://{bucket}/three"]
+    runs = [
+        subprocess.Popen(
+            command, cwd=REPO, env=services.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]  # fmt: skip
+    outputs = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=3 * RUN_TIMEOUT_S)
+        assert run.returncode == 0, stderr[-3000:]
+        outputs.append(stdout)
+
+    written = object_versions(client, bucket)
+    shards = {key: n for key, n in written.items() if key.endswith(".h5")}
+    checkpoints = {key: n for key, n in written.items() if key.endswith((".pt", "labels.parquet"))}
+    assert shards and checkpoints
+    assert set(shards.values()) == {1}, shards
+    assert set(checkpoints.values()) == {1}, checkpoints
+    trained = [out for out in outputs if "Training: " in out and "reused the finished" not in out]
+    assert len(trained) == 1, outputs
+    assert not any("resumed from" in out for out in outputs)
+    metrics = [[line for line in out.splitlines() if "LESA ZSL mAP" in line] for out in outputs]
+    assert metrics[0] and metrics[0] == metrics[1] == metrics[2]
