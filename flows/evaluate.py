@@ -1,7 +1,8 @@
 """Evaluate a trained checkpoint locally: ZSL / GZSL table, report files, UI artifacts.
 
-    python -m flows.evaluate --config configs/default.yaml                # the run's best.pt
+    python -m flows.evaluate --config configs/default.yaml         # latest model's best.pt
     python -m flows.evaluate --config configs/default.yaml --checkpoint final
+    python -m flows.evaluate --config configs/default.yaml --model-version v0002
     python -m flows.evaluate --config configs/default.yaml --checkpoint s3://bucket/x/best.pt
 
 The dataset, features and label embeddings of the config are reused (computed if missing); the
@@ -22,6 +23,7 @@ from prefect import flow, get_run_logger
 from flows.artifacts import publish_run_artifacts
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, run_command
 from flows.stages import evaluate_stage, prepare_inputs
+from tasks import model_versions
 from tasks.checkpoints import CHECKPOINT_NAMES, checkpoint_url
 from tasks.config import Overrides, PipelineConfig, check_input_files, load_config
 from tasks.evaluation import evaluation_prefix
@@ -34,21 +36,25 @@ def evaluate(
     config: str = DEFAULT_CONFIG,
     overrides: Overrides = None,
     checkpoint: str | None = None,
+    model_version: str = "latest",
 ) -> dict[str, Any]:
     """Score one checkpoint on the config's test split and write its report.
 
     Args:
         config: path or URL of the YAML run config.
         overrides: config values to replace (dotted keys or nested sections).
-        checkpoint: ``best``, ``final`` (the run's own checkpoints) or a checkpoint path/URL;
-            default: ``evaluation.checkpoint`` of the config.
+        checkpoint: ``best``, ``final`` (checkpoints of the run's model version) or a
+            checkpoint path/URL; default: ``evaluation.checkpoint`` of the config.
+        model_version: the run's model version (``v0003``) or pointer (``latest``, ``best``)
+            whose checkpoint is scored.
     """
     cfg = load_config(config, overrides)
     check_input_files(cfg, config)
     storage = Storage(cfg.storage)
     which = checkpoint or cfg.evaluation.checkpoint
     own = which in CHECKPOINT_NAMES
-    url = checkpoint_url(storage, cfg.run_name, which) if own else which
+    version = model_versions.resolve(storage, cfg.run_name, model_version) if own else None
+    url = version.checkpoints[which] if version else which
     if not storage.exists(url):
         raise FileNotFoundError(
             f"checkpoint not found: {url} (train first: python -m flows.full_pipeline "
@@ -72,6 +78,7 @@ def evaluate(
         checkpoint_url=url,
         baseline_checkpoints=baselines,
         prefix=prefix,
+        model_version=version.version if version else None,
     )
     return publish_run_artifacts(
         cfg.run_name, result, [f"- {line}" for line in result.describe()], storage
@@ -116,12 +123,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="best|final|PATH_OR_URL",
         help="which checkpoint (default: evaluation.checkpoint of the config)",
     )
+    parser.add_argument(
+        "--model-version",
+        default="latest",
+        metavar="latest|best|vNNNN",
+        help="the run's model version whose best/final checkpoint is scored (default: latest; "
+        "python -m flows.models --config ... lists them)",
+    )
     args = parser.parse_args(argv)
     overrides, cfg = checked_config(parser, args)
     if cfg is None:
         return 2
     return run_command(
-        lambda: evaluate(config=args.config, overrides=overrides, checkpoint=args.checkpoint),
+        lambda: evaluate(
+            config=args.config,
+            overrides=overrides,
+            checkpoint=args.checkpoint,
+            model_version=args.model_version,
+        ),
         failure="evaluation failed",
         title=f"LESA run {cfg.run_name} (evaluation)",
     )

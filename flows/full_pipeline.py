@@ -89,6 +89,7 @@ def lesa(
         inputs,
         checkpoint_url=training.checkpoints[which],
         baseline_checkpoints=baselines,
+        model_version=training.model_version,
     )
 
     lines = summary_lines(training, evaluation, labels_update)

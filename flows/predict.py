@@ -1,6 +1,6 @@
 """Tag new images with a trained checkpoint: any labels, seen, unseen or never seen before.
 
-    python -m flows.predict --checkpoint runs/demo/checkpoints/best.pt --images photos/ \\
+    python -m flows.predict --config configs/default.yaml --images photos/ \\
         --labels "cat,dog,surfboard" --top-k 5 --out predictions --attention-maps
 
 Labels are embedded on the fly with the checkpoint's word vectors, so no retraining is needed
@@ -20,7 +20,9 @@ from rich.console import Console
 
 from flows.cli import add_config_arguments, overrides_from, prepare_process
 from lesa_model.backbones import BACKBONE_BATCH
+from tasks import model_versions
 from tasks.config import ConfigError, load_config
+from tasks.model_versions import ModelVersionError
 from tasks.prediction import (
     DEFAULT_TOP_K,
     PredictionError,
@@ -132,15 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  python -m flows.predict "
-            "--checkpoint .lesa-data/runs/emoji-default/checkpoints/best.pt "
+            "--checkpoint .lesa-data/runs/emoji-default/models/v0001/checkpoints/best.pt "
             "--images photo.jpg other.png\n"
-            "  python -m flows.predict --checkpoint s3://bucket/lesa/runs/r1/checkpoints/best.pt "
-            "--images s3://bucket/new-photos/ --labels labels.txt --top-k 10 --attention-maps"
+            "  python -m flows.predict --config configs/default.yaml --model-version best "
+            "--images photo.jpg\n"
+            "  python -m flows.predict --checkpoint s3://bucket/lesa/runs/r1/models/v0001/"
+            "checkpoints/best.pt --images s3://bucket/new-photos/ --labels labels.txt --top-k 10 "
+            "--attention-maps"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--checkpoint", required=True, metavar="PATH_OR_URL", help="checkpoint (.pt) to use"
+        "--checkpoint",
+        metavar="PATH_OR_URL",
+        help="checkpoint (.pt) to use; default: the best.pt of --model-version of the --config run",
+    )
+    parser.add_argument(
+        "--model-version",
+        metavar="latest|best|vNNNN",
+        help="model version of the --config run to use (default: latest; python -m flows.models "
+        "--config ... lists them)",
     )
     parser.add_argument(
         "--images",
@@ -207,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     prepare_process()
     storage_config = storage_section(parser, args)
     try:
+        checkpoint = _checkpoint(parser, args, storage_config)
         labels = None if args.labels is None else parse_labels(args.labels, Storage(storage_config))
         result = predict(
-            checkpoint=args.checkpoint,
+            checkpoint=checkpoint,
             images=args.images,
             labels=labels,
             top_k=args.top_k or (None if args.threshold else DEFAULT_TOP_K),
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             storage=storage_config,
             batch_size=args.batch_size,
         )
-    except PredictionError as exc:
+    except (PredictionError, ModelVersionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -230,6 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     if result["attention_maps"]:
         console.print(f"attention maps: {len(result['attention_maps'])} files", markup=False)
     return 0
+
+
+def _checkpoint(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, storage: StorageConfig
+) -> str:
+    """``--checkpoint``, else the ``best.pt`` of the ``--config`` run's ``--model-version``."""
+    if args.checkpoint:
+        if args.model_version:
+            parser.error("--model-version picks a checkpoint of the --config run: give it or "
+                         "--checkpoint, not both")  # fmt: skip
+        return args.checkpoint
+    if args.config is None:
+        parser.error("give --checkpoint PATH_OR_URL, or --config RUN_CONFIG to use that run's "
+                     "model version (--model-version, default latest)")  # fmt: skip
+    run_name = load_config(args.config, overrides_from(parser, args.overrides)).run_name
+    version = model_versions.resolve(Storage(storage), run_name, args.model_version or "latest")
+    return version.checkpoints["best"]
 
 
 def storage_section(parser: argparse.ArgumentParser, args: argparse.Namespace) -> StorageConfig:

@@ -1,16 +1,17 @@
 """Training stage: LESA on the seen labels of the train split, checkpoints kept in storage.
 
 The trainer writes checkpoints to a local folder; for remote storage a background thread
-mirrors that folder to ``runs/<run>/checkpoints/`` (every checkpoint is uploaded verified),
-and a restarted run downloads the latest ones first and resumes from them. For a local
-storage root the trainer writes straight into the storage folder.
+mirrors that folder to ``runs/<run>/models/<version>/checkpoints/`` (every checkpoint is
+uploaded verified), and a restarted run downloads the latest ones first and resumes from them.
+For a local storage root the trainer writes straight into the storage folder.
 
 A run is recognised by its *training key*: a hash of everything that changes the trained
 weights (model, loss and trainer sections, feature key and the stored bytes of the shards
 trained on, seen labels and their vectors, the train/val images and their seen-label
-annotations). A finished run with the same key is reused as it is. Unseen labels are not part
-of the key, so adding unseen labels to the vocabulary reuses the trained model, and evaluation
-scores them zero-shot.
+annotations). A finished model version with the same key is reused as it is; other inputs
+train a new version and the earlier ones stay (``tasks.model_versions``). Unseen labels are not
+part of the key, so adding unseen labels to the vocabulary reuses the trained model, and
+evaluation scores them zero-shot.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pydantic import BaseModel, ConfigDict
 from lesa_model.config import LossConfig, ModelConfig, ReaderConfig, TrainerConfig
 from lesa_model.model import LESA
 from lesa_model.trainer import Trainer, TrainResult
-from tasks.checkpoints import CHECKPOINTS_DIR, CheckpointMetadata, run_prefix
+from tasks import model_versions
+from tasks.checkpoints import CheckpointMetadata, run_prefix
 from tasks.claims import claimed
 from tasks.embeddings import SourceKind
 from tasks.feature_reader import FeatureBatches
@@ -44,7 +46,7 @@ from tasks.storage import Storage, is_local
 
 logger = logging.getLogger(__name__)
 
-RECORD_FILE = "training.json"
+RECORD_FILE = model_versions.RECORD_FILE
 """Written next to the checkpoints: the training key, status and checkpoint URLs."""
 SYNC_INTERVAL_S = 15.0
 
@@ -69,17 +71,24 @@ class TrainingOutcome(BaseModel):
     new_unseen_labels: list[str] = []
     """Unseen labels in the current vocabulary that were not there when the model trained."""
     result: dict[str, Any] = {}
+    model_version: str | None = None
+    """The model version (``tasks.model_versions``) these checkpoints belong to."""
 
     def describe(self) -> list[str]:
         """Human-readable lines for the run summary."""
+        version = f"model version {self.model_version}" if self.model_version else "the model"
         if self.reused:
             lines = [
                 f"Training: reused the finished run `{self.run_name}` "
-                f"(training key {self.training_key}, {self.steps} steps); no retraining needed"
+                f"(training key {self.training_key}, {self.steps} steps, {version}); no "
+                "retraining needed"
             ]
         else:
             start = f", resumed from {self.resumed_from}" if self.resumed_from else ""
-            lines = [f"Training: {self.steps} steps on {len(self.seen_labels)} seen labels{start}"]
+            lines = [
+                f"Training: {self.steps} steps on {len(self.seen_labels)} seen labels{start}; "
+                f"{version} (earlier versions kept)"
+            ]
         if self.new_unseen_labels:
             shown = ", ".join(self.new_unseen_labels[:10])
             more = ", …" if len(self.new_unseen_labels) > 10 else ""
@@ -229,16 +238,6 @@ def _fetch_for_resume(storage: Storage, prefix: str, local_dir: Path) -> str | N
     return steps[-1].rsplit("/", 1)[-1] if steps else None
 
 
-def _clear(storage: Storage, prefix: str, local_dir: Path) -> None:
-    """Remove checkpoints of a different training key (they cannot be resumed from)."""
-    for url in storage.ls(prefix):
-        if url.endswith(".pt"):
-            storage.rm(url)
-    if local_dir.exists():
-        for path in local_dir.glob("*.pt"):
-            path.unlink()
-
-
 # -- the stage -------------------------------------------------------------------------------
 
 
@@ -272,20 +271,17 @@ def _resume_point(
 ) -> str | None:
     """Get ``local_dir`` ready for the trainer; name the step checkpoint it will resume from.
 
-    Checkpoints of another training key cannot be resumed from and are removed; for remote
-    storage the latest ones of this key are downloaded first.
+    A model version folder holds one training key (``tasks.model_versions``), so what is there
+    was written by an earlier attempt of this very training; for remote storage the latest
+    checkpoints are downloaded first.
     """
     if record and record.get("training_key") != key:
-        logger.warning(
-            "training %s: inputs changed since the checkpoints there were written (key %s -> "
-            "%s); starting from scratch",
-            prefix,
-            record.get("training_key"),
-            key,
+        raise RuntimeError(
+            f"training {prefix}: its record has training key {record.get('training_key')}, not "
+            f"{key}; a model version folder holds one key, so this folder was edited by hand"
         )
-        _clear(storage, prefix, local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    if not record or record.get("training_key") != key:
+    if not record:
         return None
     if not is_local(storage.root):
         return _fetch_for_resume(storage, prefix, local_dir)
@@ -395,33 +391,73 @@ def train_model(
     trains into a run's folder (:mod:`tasks.claims`): a concurrent identical run waits, then
     reuses what the first one finished, and never resumes from checkpoints being written.
     """
-    with claimed(storage, run_prefix(storage, run_name), f"training {run_name}"):
-        return _train_or_reuse(
+    with claimed(storage, run_prefix(storage, run_name), f"training {run_name}") as claim:
+        data = training_data(inputs, storage, trainer.reader)
+        key = training_key(
+            model, loss, trainer, inputs.features.key, inputs.embeddings.source, data
+        )
+        version = model_versions.version_for_key(storage, run_name, key)
+        outcome = _train_or_reuse(
             storage,
             inputs,
+            data,
+            key=key,
+            prefix=model_versions.checkpoints_prefix(storage, run_name, version),
             run_name=run_name,
             model=model,
             loss=loss,
             trainer=trainer,
             val_ks=val_ks,
         )
+        claim.check()
+        model_versions.record(
+            storage,
+            _model_version(
+                inputs, outcome, version, {"model": model, "loss": loss, "train": trainer}
+            ),
+            new=not outcome.reused,
+        )
+        return outcome.model_copy(update={"model_version": version})
+
+
+def _model_version(
+    inputs: StageInputs, outcome: TrainingOutcome, version: str, sections: dict[str, Any]
+) -> model_versions.ModelVersion:
+    """The version record of a finished training stage."""
+    return model_versions.ModelVersion(
+        version=version,
+        run_name=outcome.run_name,
+        **model_versions.flow_run(),
+        created_at=model_versions.created_now(),
+        training_key=outcome.training_key,
+        config_hash=content_hash(sections, 16),
+        dataset=inputs.tables.name,
+        data_version=inputs.tables.version,
+        feature_key=inputs.features.key,
+        steps=outcome.steps,
+        select_metric=outcome.result.get("best_metric"),
+        metrics=outcome.result,
+        checkpoints=outcome.checkpoints,
+    )
 
 
 def _train_or_reuse(
     storage: Storage,
     inputs: StageInputs,
+    data: TrainingData,
     *,
+    key: str,
+    prefix: str,
     run_name: str,
     model: ModelConfig,
     loss: LossConfig,
     trainer: TrainerConfig,
     val_ks: Sequence[int],
 ) -> TrainingOutcome:
-    prefix = f"{run_prefix(storage, run_name)}/{CHECKPOINTS_DIR}"
+    """Reuse the finished training in ``prefix`` (one model version's checkpoints) or train
+    into it, resuming from its last step checkpoint if an earlier attempt stopped."""
     record_url = f"{prefix}/{RECORD_FILE}"
-    data = training_data(inputs, storage, trainer.reader)
     source = inputs.embeddings.source
-    key = training_key(model, loss, trainer, inputs.features.key, source, data)
     record = storage.read_json(record_url) if storage.exists(record_url) else None
     reused = _reused(storage, record, key, run_name, data)
     if reused is not None:

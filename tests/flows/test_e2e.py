@@ -212,9 +212,12 @@ def test_deployment_run_on_s3_completes_with_metrics_artifact(
         for item in page.get("Contents", [])
     }
     assert {
-        "runs/tiny/checkpoints/final.pt",
-        "runs/tiny/checkpoints/best.pt",
-        "runs/tiny/checkpoints/training.json",
+        "runs/tiny/models/v0001/checkpoints/final.pt",
+        "runs/tiny/models/v0001/checkpoints/best.pt",
+        "runs/tiny/models/v0001/checkpoints/training.json",
+        "runs/tiny/models/v0001/version.json",
+        "runs/tiny/models/latest.json",
+        "runs/tiny/models/best.json",
         "runs/tiny/reports/metrics.json",
         "datasets/emoji-tiny/labels.parquet",
     } <= keys
@@ -323,12 +326,12 @@ def test_evaluate_cli_scores_the_earlier_checkpoint(
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "runs/tiny/checkpoints/final.pt" in done.stdout
+    assert "runs/tiny/models/v0001/checkpoints/final.pt" in done.stdout
     lines = [line for line in done.stdout.splitlines() if "LESA" in line]
     assert any("ZSL" in line and "GZSL" not in line for line in lines)
     assert any("GZSL" in line for line in lines)
     assert storage.read_bytes(run_report) == before, "the run's own report is left alone"
-    final = storage.url("runs", "tiny", "checkpoints", "final.pt")
+    final = storage.url("runs", "tiny", "models", "v0001", "checkpoints", "final.pt")
     sha = storage.sha256(final)
     written = [
         url

@@ -11,7 +11,7 @@ import torch
 from lesa_model.checkpoint import load_checkpoint, load_model
 from lesa_model.trainer import Trainer
 from tasks import schemas, training
-from tasks.checkpoints import CheckpointMetadata, checkpoint_url
+from tasks.checkpoints import CheckpointMetadata
 from tasks.datasets import DatasetArtifacts, DatasetError
 from tasks.feature_reader import FeatureStore
 from tasks.stage_inputs import DatasetTables, load_tables
@@ -46,11 +46,10 @@ def test_checkpoints_land_in_the_run_folder_with_metadata(local: Synthetic) -> N
     outcome = train(local)
     assert not outcome.reused
     assert outcome.steps == 6
-    final = checkpoint_url(local.storage, "tiny", "final")
-    assert outcome.checkpoints == {
-        "final": final,
-        "best": checkpoint_url(local.storage, "tiny", "best"),
-    }
+    folder = local.storage.url("runs", "tiny", "models", "v0001", "checkpoints")
+    final = f"{folder}/final.pt"
+    assert outcome.checkpoints == {"final": final, "best": f"{folder}/best.pt"}
+    assert outcome.model_version == "v0001"
     model, raw = load_model(final)
     metadata = CheckpointMetadata.model_validate(raw)
     assert metadata.seen_labels == SEEN
@@ -292,7 +291,7 @@ def test_interrupted_s3_run_resumes_from_storage_exactly(
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(crashing)
     monkeypatch.setattr(Trainer, "train_step", original_step)
-    prefix = crashing.storage.url("runs", "tiny", "checkpoints")
+    prefix = crashing.storage.url("runs", "tiny", "models", "v0001", "checkpoints")
     assert crashing.storage.read_json(f"{prefix}/training.json")["status"] == "running"
     assert f"{prefix}/step-00000004.pt" in crashing.storage.ls(prefix)
 
