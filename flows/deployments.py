@@ -12,6 +12,7 @@ interval schedule. ``lesa/ablation`` (``flows.ablation``) runs the config's abla
 demand (``prefect deployment run lesa/ablation -p config=...``); it has no trigger.
 ``lesa/tag-images`` (``flows.tag``) tags a collection on Dask (``prefect deployment run
 lesa/tag-images -p checkpoint=... -p images='["s3://bucket/photos/"]' -p out=...``).
+While it serves, it marks Crashed the flow runs whose heartbeat stopped (``flows.stale_runs``).
 
 Where the runs keep their data and extract features is the run config's ``storage.root`` and
 ``features.dask.address``, unless the serving process's environment sets ``LESA_STORAGE_ROOT``
@@ -31,6 +32,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
+from flows import stale_runs
 from flows.ablation import ablation
 from flows.cli import DEFAULT_CONFIG, add_config_arguments, checked_config, warn_without_api
 from flows.full_pipeline import lesa
@@ -109,6 +111,22 @@ def build_deployments(
     return deployments
 
 
+def _sweep_stale_runs() -> None:
+    """Crash what killed processes left Running, now and every heartbeat interval while
+    serving (``flows.stale_runs``); a server that cannot be swept yet is retried later."""
+    try:
+        crashed = stale_runs.sweep_now()
+        if crashed.flow_runs or crashed.task_runs:
+            print(
+                f"marked Crashed {len(crashed.flow_runs)} stale flow run(s) and "
+                f"{len(crashed.task_runs)} task run(s) left Running",
+                file=sys.stderr,
+            )
+    except Exception as error:  # the sweep thread retries; serving must not wait for it
+        print(f"warning: stale-run sweep failed, will retry: {error}", file=sys.stderr)
+    stale_runs.sweep_forever(stale_runs.heartbeat_interval())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: validate the config first, then serve the deployments until stopped."""
     parser = argparse.ArgumentParser(
@@ -139,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for key, value in environment_overrides().items():
         print(f"runs use {key} = {value} (from the environment)", file=sys.stderr)
+    _sweep_stale_runs()
     serve(
         *build_deployments(
             config=args.config,

@@ -466,3 +466,57 @@ def test_three_identical_runs_at_once_compute_everything_once(
     assert not any("resumed from" in out for out in outputs)
     metrics = [[line for line in out.splitlines() if "LESA ZSL mAP" in line] for out in outputs]
     assert metrics[0] and metrics[0] == metrics[1] == metrics[2]
+
+
+def running(services: Services, path: str, **filters: Any) -> list[dict[str, Any]]:
+    body = (
+        {**filters, "sort": "EXPECTED_START_TIME_DESC"} if path == "/flow_runs/filter" else filters
+    )
+    return services.http.post(path, json=body).raise_for_status().json()
+
+
+def test_a_killed_run_and_its_task_are_marked_crashed(services: Services) -> None:
+    """SIGKILL a CLI run in the middle of a task (as the OOM killer would): the heartbeat
+    sweep leaves it alone while it beats, then marks the run and its task Crashed."""
+    env = {**services.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    root = f"{services.root}-killed"
+    command = [sys.executable, "-m", "flows.full_pipeline", "--config", TINY]
+    process = subprocess.Popen(
+        [*command, "--set", f"storage.root={root}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    state = {"state": {"type": {"any_": ["RUNNING"]}}}
+    try:
+        deadline = time.monotonic() + 180
+        tasks: list[dict[str, Any]] = []
+        while not tasks:
+            assert process.poll() is None and time.monotonic() < deadline, "no task started"
+            time.sleep(1)
+            flows = running(services, "/flow_runs/filter", flow_runs=state)
+            if flows:
+                flow_run = flows[0]
+                ours = {"flow_run_id": {"any_": [flow_run["id"]]}, **state}
+                tasks = running(services, "/task_runs/filter", task_runs=ours)
+        sweep = [sys.executable, "-m", "flows.stale_runs", "--stale-after", "90"]
+        alive = services.run(*sweep, timeout=120)
+        assert "crashed 0 flow run(s)" in alive.stdout, alive.stdout + alive.stderr
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+        assert services.flow_run(flow_run["id"])["state_type"] == "RUNNING", "nobody told it"
+        time.sleep(3)
+        swept = services.run(*sweep[:-1], "2", timeout=120)
+        assert swept.returncode == 0, swept.stderr[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+    crashed = services.flow_run(flow_run["id"])
+    assert crashed["state_type"] == "CRASHED"
+    assert "no heartbeat" in crashed["state"]["message"]
+    for task in tasks:
+        task_run = services.http.get(f"/task_runs/{task['id']}").raise_for_status().json()
+        assert task_run["state_type"] == "CRASHED", task_run["name"]
