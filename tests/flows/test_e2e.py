@@ -342,7 +342,10 @@ def test_evaluate_cli_scores_the_earlier_checkpoint(
     provenance = storage.read_json(written[0])["provenance"]
     assert provenance["checkpoint"] == final and provenance["checkpoint_sha256"] == sha
     assert provenance["dataset_version"] and provenance["code_version"]
-    assert "/runs/tiny/" in storage.read_json(run_report)["provenance"]["checkpoint"]
+    assert provenance["model_version"] == "v0001", "the latest model version by default"
+    run_provenance = storage.read_json(run_report)["provenance"]
+    assert "/runs/tiny/models/v0001/" in run_provenance["checkpoint"]
+    assert run_provenance["model_version"] == "v0001"
 
 
 def test_no_secret_ever_reaches_the_run_record(services: Services) -> None:

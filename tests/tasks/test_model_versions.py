@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows import models as models_cli
+from flows import predict as predict_cli
 from tasks import model_versions
 from tasks.model_versions import ModelVersionError, pointer, prune, resolve, versions
 from tests.helpers.training_inputs import Synthetic, synthetic, train
@@ -101,3 +102,51 @@ def test_version_for_key_resumes_an_unfinished_version(local: Synthetic) -> None
     assert model_versions.version_for_key(storage, "tiny", "k1") == "v0001"
     assert model_versions.version_for_key(storage, "tiny", "k2") == "v0002"
     assert versions(storage, "tiny") == [], "an unfinished version is not a model yet"
+
+
+def predict_args(local: Synthetic, *extra: str) -> list[str]:
+    return [
+        "--images",
+        "x.png",
+        "--config",
+        str(Path(__file__).parents[2] / "configs" / "tiny.yaml"),
+        "--set",
+        f"storage.root={local.storage.root}",
+        *extra,
+    ]
+
+
+def test_predict_takes_the_run_model_version(local: Synthetic) -> None:
+    first = train(local)
+    second = longer(local, 4)
+    parser = predict_cli.build_parser()
+
+    def checkpoint(*extra: str) -> str:
+        args = parser.parse_args(predict_args(local, *extra))
+        return predict_cli._checkpoint(parser, args, local.config.storage)
+
+    assert checkpoint() == second.checkpoints["best"], "latest by default"
+    assert checkpoint("--model-version", "v0001") == first.checkpoints["best"]
+    best = pointer(local.storage, "tiny", "best")
+    assert (
+        checkpoint("--model-version", "best")
+        == resolve(local.storage, "tiny", best).checkpoints["best"]
+    )
+    with pytest.raises(ModelVersionError, match="v0007"):
+        checkpoint("--model-version", "v0007")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--images", "x.png", "--checkpoint", "a.pt", "--model-version", "v0001"], "not both"),
+        (["--images", "x.png"], "give --checkpoint"),
+    ],
+)
+def test_predict_needs_one_way_to_name_the_model(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        predict_cli.main(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
