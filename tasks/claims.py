@@ -30,7 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect import runtime
+from prefect import get_run_logger, runtime
+from prefect.exceptions import MissingContextError
 
 from tasks.storage import Storage
 
@@ -168,9 +169,7 @@ class Claim:
 
 
 def _run_logger() -> Any:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
+    """The flow or task run's logger (the UI shows who a run waits for), else this module's."""
     try:
         return get_run_logger()
     except MissingContextError:
