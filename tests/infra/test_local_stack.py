@@ -156,7 +156,7 @@ def test_the_readme_server_section_runs_on_the_stacks_s3_and_dask(
         serve.wait(60)
     bucket = full_stack.home / "s3" / "lesa"
     assert json.loads((bucket / "runs" / "tiny" / "reports" / "metrics.json").read_text())
-    assert (bucket / "runs" / "tiny" / "checkpoints" / "best.pt").is_file()
+    assert (bucket / "runs" / "tiny" / "models" / "v0001" / "checkpoints" / "best.pt").is_file()
     assert (bucket / "datasets" / "emoji-tiny" / "labels.parquet").is_file()
     assert list((bucket / "features" / "emoji-tiny").rglob("shard-*.h5"))
     with Client(env["DASK_SCHEDULER_ADDRESS"], timeout=10) as client:
