@@ -200,7 +200,7 @@ def _train_mean_pool(
             checkpoint_root=workdir,
             ks=val_ks,
             metadata=run.metadata("mean-pool", key).model_dump(mode="json"),
-            progress=candidate_progress(f"training {run_name} mean-pool"),
+            progress=candidate_progress(f"training {run.run_name} mean-pool"),
         )
         result = fit.result
         storage.upload_file(result.best_checkpoint or result.final_checkpoint, urls["best"])
