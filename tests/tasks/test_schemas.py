@@ -48,6 +48,7 @@ def vocabulary() -> pd.DataFrame:
             "label": ["cat", "dog", "sky", "hot dog"],
             "seen": [True, True, False, False],
             "tokens": ["cat", "dog", "sky", "hot dog"],
+            "description": ["small pet; mammal", "pet; mammal", None, "sausage in a bun; dish"],
         }
     )
 
