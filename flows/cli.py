@@ -1,4 +1,9 @@
-"""Command-line pieces shared by the flow entry points (``python -m flows.<name>``)."""
+"""Running a flow from its entry point (``python -m flows.<name>``) once the arguments are parsed:
+process set-up, the validated config, the temporary Prefect API, the printed result.
+
+The entry points import this module (and Prefect with it) only after parsing; their parsers are
+built from :mod:`flows.arguments`, which imports nothing heavy.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from flows.artifacts import print_run
@@ -19,37 +23,6 @@ from tasks.config import (
     load_config,
     parse_override,
 )
-
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
-"""The embedded default run config (emoji-scenes, EfficientNet-Lite0, offline GloVe)."""
-
-
-CONFIG_HELP = "YAML run config: a path, file:// or s3:// URL (default: configs/default.yaml)"
-SET_HELP = (
-    "override one config value, e.g. --set train.steps=200 --set "
-    "storage.root=s3://bucket/lesa (repeatable; VALUE is read as YAML). Never a secret: S3 "
-    "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment, or "
-    "from a Prefect Secret block named by --set storage.credentials_block=NAME"
-)
-
-
-def add_config_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    default: str | None = DEFAULT_CONFIG,
-    config_help: str = CONFIG_HELP,
-    set_help: str = SET_HELP,
-) -> None:
-    """``--config`` and repeatable ``--set key.path=value`` overrides."""
-    parser.add_argument("--config", default=default, metavar="PATH_OR_URL", help=config_help)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=set_help,
-    )
 
 
 def prepare_process() -> None:

@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.cli import add_config_arguments
-from flows.predict import storage_section
-from tasks.export import ExportError, export_checkpoint
-from tasks.storage import Storage
+from flows.arguments import add_config_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: export and say where the card went."""
+    """Command line: export and say where the card went. The export code (torch with it) is
+    imported once the arguments parsed, so that ``--help`` answers at once."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from flows.predict_flow import storage_section
+    from tasks.export import ExportError, export_checkpoint
+    from tasks.storage import Storage
+
     storage = Storage(storage_section(parser, args))
     try:
         card = export_checkpoint(args.checkpoint, args.out, storage)

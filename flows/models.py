@@ -15,22 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flows.cli import add_config_arguments, overrides_from, prepare_process
-from tasks import model_versions
-from tasks.checkpoints import run_prefix
-from tasks.claims import claimed
-from tasks.config import ConfigError, load_config
-from tasks.storage import Storage
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from flows.arguments import add_config_arguments, at_least_one
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser)
     parser.add_argument(
         "--keep",
-        type=_positive,
+        type=at_least_one,
         metavar="N",
         help="delete the finished versions older than the N newest, except pointer targets",
     )
@@ -54,9 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: list the versions; with ``--keep``, prune first."""
+    """Command line: list the versions; with ``--keep``, prune first. The tasks (and Prefect)
+    are imported once the arguments parsed, so that ``--help`` answers at once."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from flows.cli import overrides_from, prepare_process
+    from tasks import model_versions
+    from tasks.checkpoints import run_prefix
+    from tasks.claims import claimed
+    from tasks.config import ConfigError, load_config
+    from tasks.storage import Storage
+
     prepare_process()
     try:
         cfg = load_config(args.config, overrides_from(parser, args.overrides))

@@ -45,10 +45,6 @@ RANDOM_SEED = 0
 """Seed of ``weights="none"``: every worker and every rerun builds the same random network, so
 shards computed in different processes belong to one feature set."""
 
-BACKBONE_BATCH = 32
-"""Images per backbone forward pass, in extraction (``features.batch_size``) and prediction
-(``--batch-size``): only speed and memory depend on it."""
-
 RESIZE_RATIO = 256 / 224
 """Short side before the centre crop, relative to the crop (the release: 256 -> 224)."""
 

@@ -14,6 +14,11 @@ from pydantic import Field, PositiveInt, model_validator
 
 from lesa_common import StrictModel
 
+BACKBONE_BATCH = 32
+"""Images per backbone forward pass, in extraction (``features.batch_size``) and prediction
+(``--batch-size``): only speed and memory depend on it. Kept here, in a module without torch, so
+that ``--help`` shows it without importing the backbones."""
+
 
 class ModelConfig(StrictModel):
     """Architecture of :class:`lesa_model.model.LESA` (docs/FIDELITY.md: which preset uses what).

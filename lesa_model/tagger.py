@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lesa_model.backbones import BACKBONE_BATCH, Backbone, FeatureRecipe, choose, region_features
+from lesa_model.backbones import Backbone, FeatureRecipe, choose, region_features
 from lesa_model.calibration import Thresholds
 from lesa_model.checkpoint import load_model
+from lesa_model.config import BACKBONE_BATCH
 from lesa_model.images import decode_image, to_rgb
 from lesa_model.inference import select_tags
 from lesa_model.model import LESA

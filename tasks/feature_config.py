@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from lesa_common import StrictModel
 from lesa_model import backbones
 from lesa_model.backbones import Backbone, BackboneChoice, PreprocessingName, WeightsOpener
+from lesa_model.config import BACKBONE_BATCH
 from tasks import schemas
 from tasks.feature_shards import FORMAT_VERSION
 from tasks.hashing import content_hash
@@ -113,7 +114,7 @@ class FeaturesConfig(FeatureIdentity):
     and ``device`` only the last bits (CUDA runs the backbone in half precision)."""
 
     shard_size: int = Field(1024, ge=1)
-    batch_size: int = Field(backbones.BACKBONE_BATCH, ge=1)
+    batch_size: int = Field(BACKBONE_BATCH, ge=1)
     """Images per backbone forward pass, and HDF5 chunk rows (as many as a training batch of
     the default ``train.batch_size``, so a batch reads whole chunks)."""
     torch_threads: int | None = Field(None, ge=1)

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from lesa_model import backbones
 from lesa_model.attention import attention_grid_figure, centre_crop_box, heatmap_overlay
-from lesa_model.backbones import BACKBONE_BATCH, Backbone, region_features
+from lesa_model.backbones import Backbone, region_features
 from lesa_model.calibration import Thresholds
+from lesa_model.config import BACKBONE_BATCH
 from lesa_model.inference import attention_for, select_tags
 from lesa_model.model import LESA
 from tasks.checkpoints import CheckpointMetadata, load_trained_model
@@ -40,6 +41,7 @@ from tasks.embeddings import EmbeddingConfig, OOVError, embed_words
 from tasks.feature_config import FeatureIdentity
 from tasks.images import ImageRejected, read_image
 from tasks.storage import Storage
+from tasks.tag_options import CALIBRATED, DEFAULT_TOP_K, PredictionError, parse_threshold
 from tasks.thresholds import ThresholdsError, read_thresholds
 
 logger = logging.getLogger(__name__)
@@ -49,13 +51,8 @@ IMAGE_SUFFIXES = frozenset(Image.registered_extensions())
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTIONS_JSON = "predictions.json"
 ATTENTION_DIR = "attention"
-DEFAULT_TOP_K = 5
 PRINTED_ROWS = 50
 """Images shown in the console table; the files hold every image."""
-
-
-class PredictionError(ValueError):
-    """Prediction cannot run as asked: no images, no labels, unembeddable labels, bad checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -200,25 +197,6 @@ def load_predictor(checkpoint: str, storage: Storage) -> Predictor:
             f"grid {grid}"
         )
     return Predictor(model, metadata, checkpoint)
-
-
-CALIBRATED = "calibrated"
-
-
-def parse_threshold(text: str) -> str:
-    """``calibrated`` or a finite number, as text (what the flow parameter carries)."""
-    value = text.strip().lower()
-    if value == CALIBRATED:
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise PredictionError(
-            f"threshold must be {CALIBRATED!r} or a number, got {text!r}"
-        ) from None
-    if not np.isfinite(number):
-        raise PredictionError(f"threshold must be a finite number, got {text!r}")
-    return value
 
 
 def resolve_threshold(text: str, checkpoint: str, storage: Storage) -> float | Thresholds:

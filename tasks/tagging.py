@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
-from lesa_model.backbones import BACKBONE_BATCH
+from lesa_model.config import BACKBONE_BATCH
 from lesa_model.images import ImageRejected
 from lesa_model.inference import select_tags
 from lesa_model.tagger import Tagger
@@ -53,6 +53,7 @@ from tasks.prediction import (
 from tasks.progress import RunProgress
 from tasks.retries import retrying_task
 from tasks.storage import Storage
+from tasks.tag_options import DEFAULT_SHARD_SIZE
 from tasks.versions import ABSENT, file_version, stamps
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ FORMAT = 1
 READ_THREADS = 8
 """Images read and decoded at once on a worker: reads from S3 wait on the network, and
 Pillow's decoding releases the GIL."""
-DEFAULT_SHARD_SIZE = 256
 PARTS_DIR = "parts"
 TAGS_FILE = "tags.parquet"
 REJECTS_FILE = "rejects.parquet"

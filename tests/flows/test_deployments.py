@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.deployments import build_deployments, labels_updated_trigger
+from flows.serving import build_deployments, labels_updated_trigger
 from tasks.events import LABELS_UPDATED_EVENT
 
 
@@ -11,15 +11,15 @@ def test_full_pipeline_deployment_has_the_trigger_and_no_schedule_by_default() -
         config="configs/tiny.yaml", overrides={"train.steps": 3}
     )
     assert (tagging.flow_name, tagging.name) == ("lesa", "tag-images")
-    assert tagging.entrypoint == "flows.tag.tag_images"
+    assert tagging.entrypoint == "flows.tag_flow.tag_images"
     assert tagging.parameters == deployment.parameters
     assert (ablation.flow_name, ablation.name) == ("lesa", "ablation")
-    assert ablation.entrypoint == "flows.ablation.ablation"
+    assert ablation.entrypoint == "flows.ablation_flow.ablation"
     assert ablation.parameters == deployment.parameters
     assert not ablation.triggers and ablation.schedules in (None, [])
     assert deployment.flow_name == "lesa"
     assert deployment.name == "full-pipeline"
-    assert deployment.entrypoint == "flows.full_pipeline.lesa"
+    assert deployment.entrypoint == "flows.full_pipeline_flow.lesa"
     assert deployment.parameters == {"config": "configs/tiny.yaml", "overrides": {"train.steps": 3}}
     assert deployment.schedules in (None, [])
     [trigger] = deployment.triggers

@@ -12,7 +12,8 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.tag import SUMMARY_ARTIFACT_KEY, main
+from flows.tag import main
+from flows.tag_flow import SUMMARY_ARTIFACT_KEY
 from lesa_model.config import ModelConfig
 from tasks.feature_config import FeaturesConfig
 from tests.helpers.checkpoints import write_checkpoint

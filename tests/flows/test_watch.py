@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flows.watch import backoff_delay, poll_forever
+from flows.watch_flow import backoff_delay, poll_forever
 from tasks.config import PipelineConfig, load_config
 from tasks.events import (
     LabelsUpdate,

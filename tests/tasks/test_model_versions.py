@@ -10,6 +10,7 @@ import pytest
 
 from flows import models as models_cli
 from flows import predict as predict_cli
+from flows import predict_flow
 from tasks import model_versions
 from tasks.model_versions import ModelVersionError, pointer, prune, resolve, versions
 from tests.helpers.training_inputs import Synthetic, synthetic, train
@@ -123,7 +124,7 @@ def test_predict_takes_the_run_model_version(local: Synthetic) -> None:
 
     def checkpoint(*extra: str) -> str:
         args = parser.parse_args(predict_args(local, *extra))
-        return predict_cli._checkpoint(parser, args, local.config.storage)
+        return predict_flow.chosen_checkpoint(parser, args, local.config.storage)
 
     assert checkpoint() == second.checkpoints["best"], "latest by default"
     assert checkpoint("--model-version", "v0001") == first.checkpoints["best"]

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.full_pipeline import lesa
+from flows.full_pipeline_flow import lesa
 from tasks import schemas
 from tasks.datasets import nuswide, prepare_dataset
 from tasks.datasets.base import DatasetError
