@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import DEFAULT_CONFIG
+from flows.arguments import DEFAULT_CONFIG
 from tasks.config import load_config
 from tasks.settings import ENVIRONMENT_SETTINGS
 
