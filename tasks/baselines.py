@@ -22,7 +22,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -154,6 +154,36 @@ def _reusable(storage: Storage, record_url: str, key: str) -> bool:
     )
 
 
+Fit = Callable[[_Inputs, str, dict[str, str]], dict[str, Any]]
+"""Fits a baseline on a run's inputs under its key, uploads its checkpoints to the URLs, and
+returns what its record says about the choice it made."""
+
+
+def _fit_once(
+    storage: Storage,
+    inputs: StageInputs,
+    name: BaselineName,
+    grid: Sequence[object],
+    fit: Fit,
+    *,
+    run_name: str,
+    model: ModelConfig,
+    loss: LossConfig,
+    trainer: TrainerConfig,
+) -> dict[str, str]:
+    """A trained baseline's checkpoint URLs: fitted under the baseline's claim, or reused when
+    its record holds the same key (LESA's training key on these inputs and the tuning grid)."""
+    run = _Inputs(storage, inputs, run_name=run_name, model=model, loss=loss, trainer=trainer)
+    key = content_hash([name, run.key, *grid], 16)
+    urls = checkpoint_urls(storage, run_name, name)
+    record_url = urls["best"].rsplit("/", 1)[0] + f"/{RECORD_FILE}"
+    with claimed(storage, run_prefix(storage, run_name, name), f"{name} baseline"):
+        if not _reusable(storage, record_url, key):
+            record = fit(run, key, urls)
+            storage.write_json(record_url, {"key": key, "checkpoints": urls, **record})
+    return urls
+
+
 def train_mean_pool(
     storage: Storage,
     inputs: StageInputs,
@@ -166,56 +196,45 @@ def train_mean_pool(
     tuning: BaselineTuning,
 ) -> dict[str, str]:
     """Tune and train the mean-pool baseline (or reuse an identical finished one); its URLs."""
-    run = _Inputs(storage, inputs, run_name=run_name, model=model, loss=loss, trainer=trainer)
-    key = content_hash(["mean-pool", run.key, tuning.mean_pool_lr, tuning.mean_pool_l2], 16)
-    urls = checkpoint_urls(storage, run_name, "mean-pool")
-    with claimed(storage, run_prefix(storage, run_name, "mean-pool"), "mean-pool baseline"):
-        return _train_mean_pool(storage, run, key, urls, trainer, val_ks, tuning)
 
-
-def _train_mean_pool(
-    storage: Storage,
-    run: _Inputs,
-    key: str,
-    urls: dict[str, str],
-    trainer: TrainerConfig,
-    val_ks: Sequence[int],
-    tuning: BaselineTuning,
-) -> dict[str, str]:
-    record_url = urls["best"].rsplit("/", 1)[0] + f"/{RECORD_FILE}"
-    if _reusable(storage, record_url, key):
-        return urls
-    model, loss = run.model, run.loss
-    train, val = run.pooled()
-    candidates = mean_pool_grid(tuning.mean_pool_lr, [trainer.steps], tuning.mean_pool_l2)
-    with tempfile.TemporaryDirectory(prefix="mean-pool-") as workdir:
-        fit = tune_mean_pool(
-            train,
-            val,
-            run.vectors,
-            model_cfg=model,
-            loss_cfg=loss,
-            trainer_cfg=trainer.model_copy(update={"epochs": None}),
-            candidates=candidates,
-            checkpoint_root=workdir,
-            ks=val_ks,
-            metadata=run.metadata("mean-pool", key).model_dump(mode="json"),
-            progress=candidate_progress(f"training {run.run_name} mean-pool"),
-        )
-        result = fit.result
-        storage.upload_file(result.best_checkpoint or result.final_checkpoint, urls["best"])
-        storage.upload_file(result.final_checkpoint, urls["final"])
-    storage.write_json(
-        record_url,
-        {
-            "key": key,
-            "checkpoints": urls,
-            "chosen": fit.candidate.name,
+    def fit(run: _Inputs, key: str, urls: dict[str, str]) -> dict[str, Any]:
+        candidates = mean_pool_grid(tuning.mean_pool_lr, [trainer.steps], tuning.mean_pool_l2)
+        train, val = run.pooled()
+        with tempfile.TemporaryDirectory(prefix="mean-pool-") as workdir:
+            tuned = tune_mean_pool(
+                train,
+                val,
+                run.vectors,
+                model_cfg=run.model,
+                loss_cfg=run.loss,
+                trainer_cfg=trainer.model_copy(update={"epochs": None}),
+                candidates=candidates,
+                checkpoint_root=workdir,
+                ks=val_ks,
+                metadata=run.metadata("mean-pool", key).model_dump(mode="json"),
+                progress=candidate_progress(f"training {run.run_name} mean-pool"),
+            )
+            result = tuned.result
+            storage.upload_file(result.best_checkpoint or result.final_checkpoint, urls["best"])
+            storage.upload_file(result.final_checkpoint, urls["final"])
+        return {
+            "chosen": tuned.candidate.name,
             "best_step": result.best_step,
-            "trials": fit.trials,
-        },
+            "trials": tuned.trials,
+        }
+
+    grid = [tuning.mean_pool_lr, tuning.mean_pool_l2]
+    return _fit_once(
+        storage,
+        inputs,
+        "mean-pool",
+        grid,
+        fit,
+        run_name=run_name,
+        model=model,
+        loss=loss,
+        trainer=trainer,
     )
-    return urls
 
 
 def candidate_progress(
@@ -249,53 +268,38 @@ def fit_eszsl_baseline(
     ``model`` and ``loss`` only enter the key (LESA's training key on these inputs), so a
     change of the run's inputs refits it.
     """
-    run = _Inputs(storage, inputs, run_name=run_name, model=model, loss=loss, trainer=trainer)
-    key = content_hash(["eszsl", run.key, tuning.eszsl_gamma, tuning.eszsl_lam], 16)
-    urls = checkpoint_urls(storage, run_name, "eszsl")
-    with claimed(storage, run_prefix(storage, run_name, "eszsl"), "ESZSL baseline"):
-        return _fit_eszsl(storage, run, key, urls, trainer, val_ks, tuning)
 
+    def fit(run: _Inputs, key: str, urls: dict[str, str]) -> dict[str, Any]:
+        train, val = run.pooled()
+        gammas, lams = tuning.eszsl_gamma, tuning.eszsl_lam
+        fitted = tune_eszsl(train, val, run.vectors, trainer, gammas=gammas, lams=lams, ks=val_ks)
+        payload = {
+            "format": ESZSL_FORMAT,
+            "weights": torch.from_numpy(fitted.weights),
+            "feature_mean": torch.from_numpy(fitted.feature_mean),
+            "gamma": fitted.gamma,
+            "lam": fitted.lam,
+            "validation": fitted.validation,
+            "metadata": run.metadata("eszsl", key).model_dump(mode="json"),
+        }
+        with tempfile.TemporaryDirectory(prefix="eszsl-") as workdir:
+            local = save_checkpoint(Path(workdir) / "eszsl.pt", payload)
+            for url in urls.values():
+                storage.upload_file(local, url)
+        return {"chosen": {"gamma": fitted.gamma, "lam": fitted.lam}}
 
-def _fit_eszsl(
-    storage: Storage,
-    run: _Inputs,
-    key: str,
-    urls: dict[str, str],
-    trainer: TrainerConfig,
-    val_ks: Sequence[int],
-    tuning: BaselineTuning,
-) -> dict[str, str]:
-    record_url = urls["best"].rsplit("/", 1)[0] + f"/{RECORD_FILE}"
-    if _reusable(storage, record_url, key):
-        return urls
-    train, val = run.pooled()
-    fit = tune_eszsl(
-        train,
-        val,
-        run.vectors,
-        trainer,
-        gammas=tuning.eszsl_gamma,
-        lams=tuning.eszsl_lam,
-        ks=val_ks,
+    grid = [tuning.eszsl_gamma, tuning.eszsl_lam]
+    return _fit_once(
+        storage,
+        inputs,
+        "eszsl",
+        grid,
+        fit,
+        run_name=run_name,
+        model=model,
+        loss=loss,
+        trainer=trainer,
     )
-    payload = {
-        "format": ESZSL_FORMAT,
-        "weights": torch.from_numpy(fit.weights),
-        "feature_mean": torch.from_numpy(fit.feature_mean),
-        "gamma": fit.gamma,
-        "lam": fit.lam,
-        "validation": fit.validation,
-        "metadata": run.metadata("eszsl", key).model_dump(mode="json"),
-    }
-    with tempfile.TemporaryDirectory(prefix="eszsl-") as workdir:
-        local = save_checkpoint(Path(workdir) / "eszsl.pt", payload)
-        for url in urls.values():
-            storage.upload_file(local, url)
-    storage.write_json(
-        record_url,
-        {"key": key, "checkpoints": urls, "chosen": {"gamma": fit.gamma, "lam": fit.lam}},
-    )
-    return urls
 
 
 def load_eszsl(storage: Storage, url: str) -> tuple[EszslFit, CheckpointMetadata]:

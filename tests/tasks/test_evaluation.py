@@ -256,6 +256,15 @@ def test_trained_baselines_are_tuned_saved_reused_and_scored(
     stamp = inputs.storage.read_bytes(eszsl["best"])
     assert fit_eszsl_baseline(inputs.storage, inputs.inputs, **sections) == eszsl  # reused
     assert inputs.storage.read_bytes(eszsl["best"]) == stamp
+    pooled_stamp = inputs.storage.read_bytes(mean_pool["best"])
+    assert train_mean_pool(inputs.storage, inputs.inputs, **sections) == mean_pool  # reused
+    assert inputs.storage.read_bytes(mean_pool["best"]) == pooled_stamp
+    regrid = sections | {"tuning": tuning.model_copy(update={"eszsl_lam": [100.0]})}
+    fit_eszsl_baseline(inputs.storage, inputs.inputs, **regrid)  # another grid: refitted
+    record = inputs.storage.read_json(eszsl["best"].rsplit("/", 1)[0] + "/training.json")
+    assert record["chosen"]["lam"] == 100.0
+    assert inputs.storage.read_bytes(eszsl["best"]) != stamp
+    fit_eszsl_baseline(inputs.storage, inputs.inputs, **sections)
     model, metadata = load_model(inputs.storage.local_copy(mean_pool["best"]))
     assert model.cfg.pooling == "mean" and metadata["baseline"] == "mean-pool"
     result = evaluate(
