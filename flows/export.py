@@ -1,6 +1,7 @@
 """Export a trained checkpoint as a portable one: model.safetensors + model-card.json.
 
-    python -m flows.export --checkpoint .lesa-data/runs/emoji-default/checkpoints/best.pt \\
+    python -m flows.export \\
+        --checkpoint .lesa-data/runs/emoji-default/models/v0001/checkpoints/best.pt \\
         --out exported/emoji-default
 
 The card carries the model's config, its labels and their word vectors, the feature recipe, the

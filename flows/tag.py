@@ -1,6 +1,7 @@
 """Tag a whole collection on the Dask cluster: every image under folders or ``s3://`` prefixes.
 
-    python -m flows.tag --checkpoint .lesa-data/runs/emoji-default/checkpoints/best.pt \\
+    python -m flows.tag \\
+        --checkpoint .lesa-data/runs/emoji-default/models/v0001/checkpoints/best.pt \\
         --images s3://bucket/photos/ --out s3://bucket/tags/photos --threshold calibrated
 
 Writes ``OUT/tags.parquet`` (image, label, score, rank, module, seen, version), ``OUT/rejects
